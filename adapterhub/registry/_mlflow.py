@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
@@ -32,6 +34,25 @@ def is_remote(tracking_uri: str) -> bool:
     """True for a tracking server, which chooses artifact locations itself."""
     scheme = urlparse(tracking_uri).scheme.lower()
     return scheme in ("http", "https") or scheme.startswith("databricks")
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when a tracking server does not answer at all.
+
+    MLflow's own client retries a refused connection with backoff for about four minutes
+    before giving up; one quick probe turns that into an immediate, clear error.
+    """
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answered (auth, prefix, proxy); let MLflow report specifics
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RegistryError(
+            f"cannot reach the tracking server at {tracking_uri}: {reason}"
+        ) from None
 
 
 def error_code(exc: BaseException) -> str | None:

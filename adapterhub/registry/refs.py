@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapterhub.errors import RegistryError
@@ -56,7 +57,7 @@ def validate_alias(alias: str) -> str:
 def parse_version(version: int | str) -> int:
     """A positive version number from an int or its decimal string, else RegistryError."""
     text = str(version).strip()
-    if isinstance(version, bool) or not text.isdecimal() or int(text) < 1:
+    if isinstance(version, bool) or not _is_number(text) or int(text) < 1:
         raise RegistryError(f"invalid version {version!r}: expected a positive integer")
     return int(text)
 
@@ -81,12 +82,16 @@ def parse_ref(ref: str) -> AdapterRef:
             raise bad("the alias after '@' is empty")
         if "@" in alias or "/" in alias:
             raise bad(f"invalid alias {alias!r}")
-        ref_obj = AdapterRef(_checked_name(name, bad), alias=_checked_alias(alias, bad))
+        if alias.lower() == "latest":
+            # MLflow reserves this alias; reading it as "the latest version" is what users mean.
+            ref_obj = AdapterRef(_checked_name(name, bad))
+        else:
+            ref_obj = AdapterRef(_checked_name(name, bad), alias=_checked_alias(alias, bad))
     elif "/" in body:
         name, version = body.split("/", 1)
         if version.lower() == "latest":
             ref_obj = AdapterRef(_checked_name(name, bad))
-        elif version.isdecimal() and int(version) >= 1:
+        elif _is_number(version) and int(version) >= 1:
             ref_obj = AdapterRef(_checked_name(name, bad), version=int(version))
         else:
             raise bad(f"version {version!r} is not a positive integer or 'latest'")
@@ -95,7 +100,11 @@ def parse_ref(ref: str) -> AdapterRef:
     return ref_obj
 
 
-def _checked_name(name: str, bad) -> str:
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdecimal()
+
+
+def _checked_name(name: str, bad: Callable[[str], RegistryError]) -> str:
     if not name:
         raise bad("the adapter name is empty")
     try:
@@ -104,7 +113,7 @@ def _checked_name(name: str, bad) -> str:
         raise bad(str(exc)) from None
 
 
-def _checked_alias(alias: str, bad) -> str:
+def _checked_alias(alias: str, bad: Callable[[str], RegistryError]) -> str:
     try:
         return validate_alias(alias)
     except RegistryError as exc:
