@@ -14,7 +14,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from tests.tiny_models import build_tiny_checkpoint  # noqa: E402
+
+# Test models are tiny: one thread avoids oversubscribing the CPU when servers run beside.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ class _Interrupt(Exception):
 
 
 def _adapter(path, method: str, quantize=None):
+    torch.manual_seed(0)  # the same initial adapter weights in every call
     model, tok = load_base(path, quantize=quantize)
     params = {"lora": {"r": 4, "dropout": 0.1}, "mos": {"r": 4, "pool_vectors_per_layer": 2,
               "private_rank": 1, "shards_per_vector": 2},
@@ -71,14 +72,16 @@ def test_resume_matches_uninterrupted_run(tiny_llama, tmp_path, method):
 def test_training_lowers_loss_and_reports_eval(tiny_llama):
     cfg = TrainConfig(steps=30, batch_size=8, lr=2e-2, warmup_steps=3, checkpoint_every=0,
                       max_new_tokens=8)
+    # A fixed answer is learnable by a random tiny model within a few steps.
+    records = [Record(r.prompt, " yes") for r in _records()]
     adapter, tok = _adapter(tiny_llama, "lora")
-    trainer = Trainer(adapter, tok, _records(), cfg, eval_records=_records()[:8], progress=False)
+    trainer = Trainer(adapter, tok, records, cfg, eval_records=records[:8], progress=False)
     metrics = trainer.train()
     first = sum(h["loss"] for h in trainer.history[:3]) / 3
     last = sum(h["loss"] for h in trainer.history[-3:]) / 3
-    assert last < 0.7 * first
+    assert last < 0.3 * first
     assert set(metrics) >= {"loss", "eval_loss", "exact_match", "tokens_per_s"}
-    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert metrics["exact_match"] == 1.0
 
 
 def test_qlora_training_on_cpu_lowers_loss(tiny_llama):

@@ -22,6 +22,9 @@ _COMMON = dict(
     num_attention_heads=4,
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
+    # Larger than HF's 0.02 so the random model's logits span a useful range and adapters
+    # can visibly learn on it in a few steps.
+    initializer_range=0.1,
 )
 
 

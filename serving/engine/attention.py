@@ -1,0 +1,215 @@
+"""Paged attention over a flattened batch: chunked prefill sequences first, then decode tokens.
+
+Reference implementation in plain PyTorch (gather pages, then ``scaled_dot_product_attention``);
+a fused paged-attention kernel can replace :func:`paged_attention` without touching the model.
+The layer's cache is ``kv[:, layer]`` of the pool view laid out in layout.py:
+``[num_pages, 2, block_size, num_kv_heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each flattened token writes its K/V and which cached context each query reads.
+
+    Tokens are ordered: all prefill tokens (sequence by sequence), then one token per decoding
+    sequence. Block tables are padded with page 0; padded slots are masked, never read.
+    """
+
+    slot_pages: Tensor  # [T] page of each new token's K/V
+    slot_offsets: Tensor  # [T] offset inside that page
+    prefill_seq_lens: list[int]  # new (query) tokens per prefill sequence
+    prefill_ctx_lens: list[int]  # total tokens of the sequence after this chunk
+    prefill_block_tables: Tensor  # [n_prefill, max_blocks]
+    decode_ctx_lens: Tensor  # [n_decode] total tokens including the one being decoded
+    decode_block_tables: Tensor  # [n_decode, max_blocks]
+    num_prefill_tokens: int
+    positions: Tensor | None = None  # [T] filled by build(); what forward() expects
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.decode_ctx_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        block_size: int,
+        prefill_seq_lens: Sequence[int],
+        prefill_ctx_lens: Sequence[int],
+        prefill_block_tables: Sequence[Sequence[int]],
+        decode_ctx_lens: Sequence[int],
+        decode_block_tables: Sequence[Sequence[int]],
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata (and token positions) for one step, from per-sequence host-side lists.
+
+        A block table may be longer than the sequence needs (pages reserved ahead); only the
+        pages covering ``ctx_len`` tokens are kept, so decode gathers no more than it must.
+        """
+        n_prefill = len(prefill_seq_lens)
+        q_lens = torch.tensor([*prefill_seq_lens, *[1] * len(decode_ctx_lens)], dtype=torch.long)
+        ctx = torch.tensor([*prefill_ctx_lens, *decode_ctx_lens], dtype=torch.long)
+        if bool((q_lens <= 0).any()) or bool((q_lens > ctx).any()):
+            raise ValueError("need 0 < q_len <= ctx_len for every sequence")
+        tables = _pad_tables([*prefill_block_tables, *decode_block_tables], ctx, block_size)
+        # Token -> sequence index and position, without a Python loop over tokens.
+        seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        positions = (ctx - q_lens)[seq] + torch.arange(len(seq)) - starts[seq]
+        slot_pages = tables[seq, positions // block_size]
+        pw = _width(ctx[:n_prefill], block_size)
+        dw = _width(ctx[n_prefill:], block_size)
+
+        def put(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        return cls(
+            slot_pages=put(slot_pages),
+            slot_offsets=put(positions % block_size),
+            prefill_seq_lens=list(prefill_seq_lens),
+            prefill_ctx_lens=list(prefill_ctx_lens),
+            prefill_block_tables=put(tables[:n_prefill, :pw]),
+            decode_ctx_lens=put(ctx[n_prefill:]),
+            decode_block_tables=put(tables[n_prefill:, :dw]),
+            num_prefill_tokens=int(q_lens[:n_prefill].sum()),
+            positions=put(positions),
+        )
+
+
+def _width(ctx: Tensor, block_size: int) -> int:
+    return int((ctx.max() + block_size - 1) // block_size) if len(ctx) else 0
+
+
+def _pad_tables(tables: Sequence[Sequence[int]], ctx: Tensor, block_size: int) -> Tensor:
+    need = ((ctx + block_size - 1) // block_size).tolist()
+    out = torch.zeros(len(tables), max(need, default=0), dtype=torch.long)
+    for i, (table, n) in enumerate(zip(tables, need, strict=True)):  # per sequence, not token
+        if len(table) < n:
+            raise ValueError(f"sequence {i}: block table has {len(table)} pages, needs {n}")
+        out[i, :n] = torch.as_tensor(list(table[:n]), dtype=torch.long)
+    return out
+
+
+def write_kv(kv_layer: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' K/V [T, kv_heads, head_dim] in their slots (one index_put)."""
+    # Advanced indices split by a slice put the token dim first: the target is [T, 2, kvh, hd].
+    kv_layer[meta.slot_pages, :, meta.slot_offsets] = torch.stack((k, v), 1).to(kv_layer.dtype)
+
+
+def _gather(kv_layer: Tensor, tables: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """K and V [n, blocks * block_size, kvh, hd] of the pages in ``tables``, zero where not
+    ``valid`` [n, blocks * block_size] (slots past each sequence's context).
+
+    Zeroing matters: pages are shared with adapter weights and padding points at page 0, so
+    unwritten slots may hold anything, NaN included, and 0 * NaN would leak through softmax.
+    """
+    n, blocks = tables.shape
+    pages = kv_layer[tables]  # [n, blocks, 2, bs, kvh, hd]
+    bs = pages.shape[3]
+    pages.masked_fill_(~valid.view(n, blocks, 1, bs, 1, 1), 0)  # pages is already a copy
+    k = pages[:, :, 0].reshape(n, blocks * bs, *pages.shape[-2:])
+    v = pages[:, :, 1].reshape(n, blocks * bs, *pages.shape[-2:])
+    return k, v
+
+
+def _grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Masked GQA attention without repeating K/V: each kv head's query group is folded into
+    the query-length axis, so a single SDPA call serves all heads.
+
+    q [B, Lq, H, D], k/v [B, S, kvh, D], mask [B, Lq, S] (True = attend) -> [B, Lq, H, D].
+    """
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the pool's dtype differs from the model's
+    g = h // kvh
+    # HF's repeat_kv maps query head i to kv head i // g, hence the (kvh, g) split.
+    q = q.view(b, lq, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * lq, d)
+    if lq == 1:
+        mask = mask[:, None]  # [B, 1, 1, S] broadcasts over heads and the group
+    else:
+        mask = mask[:, None, None].expand(b, 1, g, lq, mask.shape[-1]).reshape(b, 1, g * lq, -1)
+    # SDPA kernels (flash, mem-efficient, CPU flash, and the math path for half types)
+    # accumulate the softmax in fp32, so no explicit upcast is needed for bf16/fp16.
+    out = F.scaled_dot_product_attention(
+        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.view(b, kvh, g, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+
+
+def _window_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    # Causal, plus HF's sliding-window overlay (kv_idx > q_idx - window) when the layer has one.
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def _prefill_one(
+    q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor, table: Tensor, ctx: int,
+    scale: float, window: int | None,
+) -> Tensor:
+    """Attention of one sequence's q_len new tokens to its ctx_len-token context."""
+    q_len, h, _ = q.shape
+    if ctx == q_len:
+        # No cached context: attend to the fresh K/V directly (lets CUDA pick flash attention).
+        if window is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=h != k.shape[1],
+            )
+            return out.transpose(0, 1)
+        kc, vc = k[None], v[None]
+    else:
+        nb = -(-ctx // kv_layer.shape[2])
+        valid = torch.arange(nb * kv_layer.shape[2], device=q.device) < ctx
+        kc, vc = _gather(kv_layer, table[None, :nb], valid[None])
+    q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+    mask = _window_mask(q_pos, torch.arange(kc.shape[1], device=q.device), window)
+    return _grouped_sdpa(q[None], kc, vc, mask[None], scale)[0]
+
+
+def _decode(
+    q: Tensor, kv_layer: Tensor, meta: AttentionMetadata, scale: float, window: int | None
+) -> Tensor:
+    """One batched attention for all decode tokens, q [n, H, D]; no host sync, graph-safe."""
+    tables = meta.decode_block_tables
+    k_pos = torch.arange(tables.shape[1] * kv_layer.shape[2], device=q.device)
+    k, v = _gather(kv_layer, tables, k_pos[None, :] < meta.decode_ctx_lens[:, None])
+    mask = _window_mask(meta.decode_ctx_lens - 1, k_pos, window)
+    return _grouped_sdpa(q[:, None], k, v, mask[:, None], scale)[:, 0]
+
+
+def paged_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor, meta: AttentionMetadata,
+    scale: float, window: int | None = None,
+) -> Tensor:
+    """Write the new K/V into the cache, then attend. q [T, H, D], k/v [T, kvh, D] -> [T, H, D].
+
+    ``window`` is the layer's sliding window (None for full attention).
+    """
+    write_kv(kv_layer, k, v, meta)
+    out = torch.empty_like(q)
+    # Few sequences prefill per step (chunked prefill), so a loop over them is cheap; it avoids
+    # padding every chunk to the longest one.
+    start = 0
+    lens = zip(meta.prefill_seq_lens, meta.prefill_ctx_lens, strict=True)
+    for i, (q_len, ctx) in enumerate(lens):
+        end = start + q_len
+        out[start:end] = _prefill_one(
+            q[start:end], k[start:end], v[start:end], kv_layer,
+            meta.prefill_block_tables[i], ctx, scale, window,
+        )
+        start = end
+    if meta.num_decode_tokens:
+        out[meta.num_prefill_tokens:] = _decode(
+            q[meta.num_prefill_tokens:], kv_layer, meta, scale, window
+        )
+    return out

@@ -1,0 +1,151 @@
+"""Per-step token bookkeeping for the batched LoRA operator (see lora_op.py).
+
+Built once per step from each token's adapter slot, before the forward; every layer and module
+reuses it. All planning runs on the host on small integer tensors, so the forward issues only
+device work. A module's plan depends on its ranks tuple (an adapter that skips a module has rank
+0 there), so plans are cached per distinct tuple; a step sees a handful of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Dense path ("shrink all rows, then mask") costs T * sum_r MACs per d where the grouped path
+# costs sum over tokens of r_token, but it is two plain GEMMs with no gather, scatter or per-rank
+# launches. Take it when its waste is nil (one adapter: ratio ~1, bare tokens aside) or the
+# whole thing is tiny. Measured with bench/lora_op.py shapes on CPU: dense wins for k = 1 and
+# sum_r <= 32, loses from about 3x waste (k = 3 ranks 32/16/8) upward.
+DENSE_MAX_SUM_RANK = 32
+DENSE_MAX_WASTE = 1.25
+
+
+@dataclass
+class RankGroup:
+    """The adapters of one rank: one grouped GEMM pair over their sorted tokens."""
+
+    rank: int
+    rows: slice | Tensor  # packed rows of its adapters: a slice (zero-copy view) or an index
+    num_adapters: int
+    tokens: slice  # its tokens' range in the sorted order
+    offs: Tensor  # int32 [num_adapters]: end of each adapter's tokens within `tokens`
+
+
+@dataclass
+class Plan:
+    """How one ranks tuple is applied to this step's tokens."""
+
+    ranks: tuple[int, ...]
+    sum_rank: int
+    num_active: int  # tokens with a slot >= 0 whose adapter has rank > 0 here
+    dense: bool
+    order: Tensor  # [num_active] token indices sorted by (rank group, slot)
+    identity: bool  # order is 0..T-1: skip the gather and the scatter
+    groups: list[RankGroup]
+    # Dense path: True where packed row j is another slot's and must be zeroed for token t
+    # ([T, sum_r]); None when every token owns every row (one adapter, no bare tokens).
+    _zero_mask: Tensor | None = None
+    _mask_built: bool = False
+
+
+@dataclass
+class LoraBatchMeta:
+    """Token slots of one step (prefill segments, then decode tokens) and the plans over them.
+
+    ``ranks`` are the adapters' ranks; a module's weights may carry 0 for some slots.
+    """
+
+    slots: Tensor  # [T] long on device, -1 = no adapter
+    ranks: tuple[int, ...]
+    device: torch.device
+    counts: list[int]  # tokens per slot
+    valid_idx: Tensor  # tokens with an adapter (for the bias)
+    valid_slots: Tensor
+    all_valid: bool
+    _slots_host: Tensor = field(repr=False)
+    _plans: dict[tuple[int, ...], Plan] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._slots_host.numel()
+
+    @classmethod
+    def build(cls, token_slots: Tensor | Sequence[int], ranks: Sequence[int],
+              device: torch.device | str | None = None) -> LoraBatchMeta:
+        # One host copy per step; the scheduler has the slots on the host anyway.
+        host = torch.as_tensor(token_slots, dtype=torch.long).detach().to("cpu").reshape(-1)
+        ranks = tuple(int(r) for r in ranks)
+        k = len(ranks)
+        if host.numel() and (int(host.min()) < -1 or int(host.max()) >= k):
+            raise ValueError(f"token slots must lie in -1..{k - 1}")
+        if any(r < 0 for r in ranks):
+            raise ValueError(f"ranks must be >= 0, got {ranks}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        counts = torch.bincount(host + 1, minlength=k + 1)[1:].tolist()
+        valid = (host >= 0).nonzero().squeeze(1)
+        meta = cls(
+            slots=host.to(device), ranks=ranks, device=device, counts=counts,
+            valid_idx=valid.to(device), valid_slots=host[valid].to(device),
+            all_valid=valid.numel() == host.numel(), _slots_host=host,
+        )
+        meta.plan(ranks)
+        return meta
+
+    def plan(self, ranks: Sequence[int]) -> Plan:
+        ranks = tuple(ranks)
+        cached = self._plans.get(ranks)
+        if cached is None:
+            if len(ranks) != len(self.ranks):
+                raise ValueError(f"weights have {len(ranks)} slots, the batch {len(self.ranks)}")
+            cached = self._plans[ranks] = self._make_plan(ranks)
+        return cached
+
+    def _make_plan(self, ranks: tuple[int, ...]) -> Plan:
+        k, counts = len(ranks), self.counts
+        row_start = [0] * (k + 1)
+        for s, r in enumerate(ranks):
+            row_start[s + 1] = row_start[s] + r
+        live = [s for s in range(k) if ranks[s] > 0 and counts[s] > 0]
+        # Sort position of each slot: rank groups (largest rank first), slots ascending inside,
+        # so a group's adapters follow the packed row order; bare tokens sort last.
+        key_of_slot = torch.full((k + 1,), k, dtype=torch.long)  # index k = slot -1
+        groups, pos, tok = [], 0, 0
+        for r in sorted({ranks[s] for s in live}, reverse=True):
+            members = [s for s in live if ranks[s] == r]
+            # Rank-0 slots own no rows, so only a different nonzero rank breaks the run; idle
+            # slots inside the run join as empty groups to keep the weights a view.
+            span = [s for s in range(members[0], members[-1] + 1) if ranks[s]]
+            if all(ranks[s] == r for s in span):
+                members = span
+                rows: slice | Tensor = slice(row_start[span[0]], row_start[span[-1]] + r)
+            else:  # slots not numbered in rank order: the group's weights are gathered per call
+                rows = torch.cat([torch.arange(row_start[s], row_start[s] + r) for s in members])
+                rows = rows.to(self.device)
+            key_of_slot[torch.tensor(members)] = torch.arange(pos, pos + len(members))
+            offs = torch.tensor([counts[s] for s in members]).cumsum(0).to(torch.int32)
+            n = int(offs[-1])
+            groups.append(RankGroup(r, rows, len(members), slice(tok, tok + n),
+                                    offs.to(self.device)))
+            pos, tok = pos + len(members), tok + n
+        host = self._slots_host
+        keys = key_of_slot[torch.where(host >= 0, host, k)]
+        order = torch.argsort(keys, stable=True)[:tok]
+        identity = tok == host.numel() and bool((order == torch.arange(tok)).all())
+        sum_r, exact = row_start[k], sum(counts[s] * ranks[s] for s in live)
+        dense = sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact
+        return Plan(ranks=ranks, sum_rank=sum_r, num_active=tok, dense=dense,
+                    order=order.to(self.device), identity=identity, groups=groups)
+
+    def zero_mask(self, plan: Plan) -> Tensor | None:
+        """Dense path mask: True where a token's row of x @ A_cat^T belongs to another slot."""
+        if not plan._mask_built:
+            one = len(plan.groups) == 1 and plan.groups[0].num_adapters == 1
+            if not (one and plan.identity and plan.sum_rank == plan.groups[0].rank):
+                owner = torch.repeat_interleave(torch.arange(len(plan.ranks)),
+                                                torch.tensor(plan.ranks, dtype=torch.long))
+                plan._zero_mask = (self._slots_host[:, None] != owner[None, :]).to(self.device)
+            plan._mask_built = True
+        return plan._zero_mask

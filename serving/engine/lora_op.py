@@ -1,0 +1,180 @@
+"""Heterogeneous batched LoRA: one pass adds the deltas of many adapters of mixed ranks.
+
+Tokens of k adapters (and bare tokens, slot -1) share one forward, as in S-LoRA / Punica SGMV.
+Weights of the step's adapters are packed without padding (A rows, then B columns, slot after
+slot), never padded to the largest rank. Two paths, picked on the host per step and module:
+
+- grouped (the general one): tokens sorted by (rank, slot) once per step (lora_meta.py); per
+  distinct rank, one ``grouped_mm`` shrinks each adapter's token segment by its own A and one
+  expands by its own B. Each adapter's weights are read once and FLOPs are exact. The only
+  Python loop is over distinct ranks in the batch (a handful: 64/32/16/8...).
+- dense: h = x @ A_cat^T over all packed rows, zero the rows of other slots, y += h @ B_cat^T.
+  Costs T * sum_r instead of sum_t r_t MACs but is two plain GEMMs with no gather or scatter.
+  Rule (lora_meta.py, host-side per step and ranks tuple): dense when sum_r <= 32 or
+  T * sum_r <= 1.25 * sum_t r_t, i.e. in practice one adapter in the module, or a tiny total.
+  Also the fallback where grouped_mm cannot run (dtypes other than fp32/fp16/bf16, rows not
+  16-byte aligned, CUDA before sm80).
+
+Slots numbered in rank order (e.g. active adapters sorted by rank) make each rank group a view
+of the packed weights; any other numbering is correct but gathers that group's weights per call.
+On CUDA, grouped_mm runs a grouped kernel for bf16 on sm90+; elsewhere torch falls back to a loop
+of GEMMs in C++ (one host sync per call). A Triton SGMV kernel is the later step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from serving.engine.lora_meta import LoraBatchMeta, Plan
+
+__all__ = ["LoraBatchMeta", "LoraContext", "LoraWeights", "apply_lora", "lora_delta",
+           "pack_lora_weights"]
+
+
+@dataclass
+class LoraWeights:
+    """One (layer, module) for the step's adapters, packed without padding.
+
+    ``B`` is [d_out, sum_r] but stored column-major (a transposed view of a contiguous
+    [sum_r, d_out]) so that each adapter's B^T is a contiguous block of rows: that is what the
+    grouped GEMM reads. Scaling is already folded into B.
+    """
+
+    A: Tensor  # [sum_r, d_in]: rows of slot 0, then slot 1, ...
+    B: Tensor  # [d_out, sum_r]
+    bias: Tensor | None  # [k, d_out]
+    ranks: tuple[int, ...]  # per slot; 0 = the adapter does not target this module
+
+    def __post_init__(self) -> None:
+        self.ranks = tuple(int(r) for r in self.ranks)
+        sum_r = sum(self.ranks)
+        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != sum_r \
+                or self.B.shape[1] != sum_r:
+            raise ValueError(f"A {tuple(self.A.shape)} / B {tuple(self.B.shape)} do not match "
+                             f"ranks {self.ranks}")
+        if self.bias is not None and self.bias.shape != (len(self.ranks), self.B.shape[0]):
+            raise ValueError(f"bias must be [k, d_out], got {tuple(self.bias.shape)}")
+        self.A = self.A.contiguous()
+        if not self.B.T.is_contiguous():
+            self.B = self.B.T.contiguous().T
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[0]
+
+
+def pack_lora_weights(per_adapter: Sequence[tuple[Tensor, Tensor, Tensor | None] | None]
+                      ) -> LoraWeights:
+    """Concatenate (A [r, d_in], B [d_out, r], bias [d_out] | None) of each slot.
+
+    ``None`` (or r = 0) marks a slot whose adapter does not target this module. At least one
+    slot must carry weights, since they define d_in and d_out.
+    """
+    present = [w for w in per_adapter if w is not None]
+    if not present:
+        raise ValueError("no slot has weights for this module: leave it out of LoraContext")
+    A0, B0, _ = present[0]
+    d_in, d_out = A0.shape[1], B0.shape[0]
+    empty = (A0.new_empty(0, d_in), B0.new_empty(d_out, 0), None)
+    entries = [w if w is not None else empty for w in per_adapter]
+    for A, B, bias in entries:
+        if A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1] or (
+                bias is not None and bias.shape != (d_out,)):
+            raise ValueError(f"inconsistent adapter shapes: A {tuple(A.shape)}, "
+                             f"B {tuple(B.shape)} for d_in={d_in}, d_out={d_out}")
+    bias = None
+    if any(b is not None for _, _, b in entries):
+        bias = torch.stack([b if b is not None else B0.new_zeros(d_out) for _, _, b in entries])
+    return LoraWeights(A=torch.cat([A for A, _, _ in entries]),
+                       B=torch.cat([B.T for _, B, _ in entries]).T,
+                       bias=bias, ranks=tuple(A.shape[0] for A, _, _ in entries))
+
+
+@functools.cache
+def _cuda_grouped_ok(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _grouped_ok(x: Tensor, w: LoraWeights) -> bool:
+    # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes.
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.A.dtype != x.dtype:
+        return False
+    if (w.d_in * x.element_size()) % 16 or (w.d_out * x.element_size()) % 16:
+        return False
+    return x.device.type != "cuda" or _cuda_grouped_ok(x.device)
+
+
+def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
+    xs = x.contiguous() if plan.identity else x.index_select(0, plan.order)
+    bt = w.B.T  # [sum_r, d_out], contiguous by construction
+    for g in plan.groups:
+        if isinstance(g.rows, slice):
+            a, b = w.A[g.rows], bt[g.rows]
+        else:
+            a, b = w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
+        a = a.view(g.num_adapters, g.rank, w.d_in).transpose(1, 2)
+        b = b.view(g.num_adapters, g.rank, w.d_out)
+        h = F.grouped_mm(xs[g.tokens], a, offs=g.offs)  # [n, r]
+        out = F.grouped_mm(h, b, offs=g.offs)  # [n, d_out]
+        if plan.identity:
+            y[g.tokens] += out
+        else:
+            y.index_add_(0, plan.order[g.tokens], out)
+
+
+def _dense(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan) -> None:
+    h = x @ w.A.T  # [T, sum_r]
+    mask = meta.zero_mask(plan)
+    if mask is not None:
+        h.masked_fill_(mask, 0)
+    y.addmm_(h, w.B.T)
+
+
+def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Tensor:
+    """y += B_a A_a x (+ bias_a) for each token's slot a, in place; tokens of slot -1 unchanged.
+
+    x: [T, d_in], y: [T, d_out], in the original token order.
+    """
+    plan = meta.plan(w.ranks)
+    if plan.num_active:
+        if plan.dense or not _grouped_ok(x, w):
+            _dense(y, x, w, meta, plan)
+        else:
+            _grouped(y, x, w, plan)
+    if w.bias is not None and meta.valid_idx.numel():
+        if meta.all_valid:
+            y += w.bias.index_select(0, meta.slots)
+        else:
+            y.index_add_(0, meta.valid_idx, w.bias.index_select(0, meta.valid_slots))
+    return y
+
+
+def lora_delta(x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Tensor:
+    """The adapters' contribution alone: [T, d_out], zeros for tokens of slot -1."""
+    return apply_lora(x.new_zeros(x.shape[0], w.d_out), x, w, meta)
+
+
+class LoraContext:
+    """What the model sees for one step: ``y = lora.apply(layer, module, x, y)``."""
+
+    def __init__(self, meta: LoraBatchMeta, weights: dict[tuple[int, str], LoraWeights]):
+        self.meta = meta
+        self.weights = weights
+        for w in weights.values():  # plan every ranks tuple now, so the forward is device work
+            plan = meta.plan(w.ranks)
+            if plan.dense:
+                meta.zero_mask(plan)
+
+    def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
+        w = self.weights.get((layer, module))
+        return y if w is None else apply_lora(y, x, w, self.meta)

@@ -1,0 +1,104 @@
+"""The unified paged pool (S-LoRA's Unified Paging): KV-cache pages and adapter weights.
+
+One preallocated tensor of equal pages. KV pages are viewed through layout.py's shape; an
+adapter's weights are laid out flat across as many pages as they need (any pages: no
+contiguity, no padding to a maximum rank, at most one partly filled page per adapter).
+Every page is free, KV or adapter; ``stats()`` reports the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.engine.layout import ModelShape
+
+KV, ADAPTER = "kv", "adapter"
+
+
+class PoolExhausted(RuntimeError):
+    """Not enough free pages (the scheduler evicts or preempts, never crashes)."""
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    total_pages: int
+    free_pages: int
+    kv_pages: int
+    adapter_pages: int
+    page_bytes: int
+
+
+class UnifiedPool:
+    def __init__(
+        self,
+        num_pages: int,
+        shape: ModelShape,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_pages < 1 or block_size < 1:
+            raise ValueError("the pool needs at least one page of at least one token")
+        self.shape = shape
+        self.block_size = block_size
+        self.page_elems = shape.num_layers * 2 * block_size * shape.kv_dim
+        self.storage = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=device)
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._kind = [""] * num_pages
+        self._used = {KV: 0, ADAPTER: 0}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def kv_view(self) -> torch.Tensor:
+        s = self.shape
+        return self.storage.view(
+            self.num_pages, s.num_layers, 2, self.block_size, s.num_kv_heads, s.head_dim
+        )
+
+    def pages_for(self, elems: int) -> int:
+        return -(-elems // self.page_elems)
+
+    def alloc(self, n: int, kind: str) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"need {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._kind[p] = kind
+        self._used[kind] += n
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            kind = self._kind[p]
+            if not kind:
+                raise RuntimeError(f"page {p} freed twice")
+            self._kind[p] = ""
+            self._used[kind] -= 1
+            self._free.append(p)
+
+    def write_flat(self, pages: list[int], flat: torch.Tensor) -> None:
+        """Store a flat tensor across ``pages`` (the last page is zero-padded)."""
+        buf = torch.zeros(len(pages) * self.page_elems, dtype=self.storage.dtype,
+                          device=self.storage.device)
+        buf[: flat.numel()] = flat.reshape(-1).to(buf)
+        index = torch.tensor(pages, device=self.storage.device)
+        self.storage.index_copy_(0, index, buf.view(len(pages), self.page_elems))
+
+    def read_flat(self, pages: list[int]) -> torch.Tensor:
+        """Gather ``pages`` back into one flat tensor (a copy of just these pages)."""
+        index = torch.tensor(pages, device=self.storage.device)
+        return self.storage.index_select(0, index).view(-1)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            total_pages=self.num_pages,
+            free_pages=len(self._free),
+            kv_pages=self._used[KV],
+            adapter_pages=self._used[ADAPTER],
+            page_bytes=self.page_elems * self.storage.element_size(),
+        )
