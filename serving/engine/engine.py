@@ -253,6 +253,13 @@ class Engine:
                     final[out.request_id] = out
         return [final[i] for i in ids]
 
+    def release_idle_adapters(self) -> int:
+        """Evict every unpinned adapter from the pool; returns how many went."""
+        n = 0
+        while self.cache.evict_one():
+            n += 1
+        return n
+
     def stats(self) -> dict:
         pool = self.pool.stats()
         per_adapter: dict[str, dict[str, int]] = {}
