@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +29,13 @@ from serving.engine.sequence import FinishReason, Sequence, Status
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    """``resolver`` maps an adapter reference the store lacks (``name@alias``, a registry
+    version, a local path) to a local adapter directory; it is loaded on first use."""
+
+    def __init__(self, config: EngineConfig,
+                 resolver: Callable[[str], str | Path] | None = None) -> None:
         self.config = config
+        self.resolver = resolver
         hf_config = read_base_config(config.model)
         self.tokenizer = load_tokenizer(config.model)
         self.runner = ModelRunner.from_checkpoint(config.model, config.dtype, config.device)
@@ -50,6 +56,7 @@ class Engine:
         )
         self._inbox: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
         self._live: dict[str, Sequence] = {}
         self._pending = 0
         self.steps = 0
@@ -73,6 +80,17 @@ class Engine:
         with self._lock:
             self._inbox.append(("refresh_adapter", name))
         return adapter
+
+    def _resolve(self, ref: str) -> None:
+        if self.resolver is None:
+            raise AdapterNotFound(f"adapter {ref!r} is not registered")
+        from adapterhub.errors import RegistryError
+
+        try:
+            path = self.resolver(ref)
+        except RegistryError as exc:
+            raise AdapterNotFound(str(exc)) from None
+        self.register_adapter(ref, path)
 
     def unregister_adapter(self, name: str) -> None:
         if self.store.remove(name) is None:
@@ -100,7 +118,7 @@ class Engine:
                 f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the context length {self.max_model_len}")
         if adapter and adapter not in self.store:
-            raise AdapterNotFound(f"adapter {adapter!r} is not registered")
+            self._resolve(adapter)
         need = -(-(len(ids) + params.max_tokens) // self.config.block_size) + (
             self.cache.pages_needed(adapter) if adapter else 0)
         if need + self.config.watermark_pages > self.pool.num_pages:
@@ -171,6 +189,15 @@ class Engine:
         return [self._finish(s, FinishReason.DEADLINE) for s in late]
 
     def step(self) -> list[RequestOutput]:
+        """Run one iteration; only one thread may step an engine."""
+        if not self._step_lock.acquire(blocking=False):
+            raise RuntimeError("Engine.step() called from two threads at once")
+        try:
+            return self._step()
+        finally:
+            self._step_lock.release()
+
+    def _step(self) -> list[RequestOutput]:
         outputs = self._drain() + self._expire()
         batch = self.scheduler.schedule()
         if batch.empty:
