@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.offline_env(getattr(args, "data_dir", None))
     from adapterhub import commands
 
+    commands.quiet_libraries()
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         return int(handler(args) or 0)

@@ -9,6 +9,14 @@ from pathlib import Path
 from adapterhub.errors import AdapterHubError
 
 
+def quiet_libraries() -> None:
+    """Silence library progress bars and chatter that would bury our one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _registry(args: argparse.Namespace):
     from adapterhub.registry import Registry
 

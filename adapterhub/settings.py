@@ -57,6 +57,9 @@ def offline_env(data_dir_path: str | Path | None = None) -> None:
         # Without this `mlflow server` spawns job workers that outlive it.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "TOKENIZERS_PARALLELISM": "false",
+        # Our own progress bars are the ones a user reads; library bars are noise on stderr.
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -62,7 +62,7 @@ def pretrain(
     lr: float,
     warmup: int,
     max_length: int,
-    log_every: int = 250,
+    log_every: int = 100,
 ) -> list[tuple[int, float]]:
     """Train all parameters on freshly sampled corpus batches; returns (step, loss) logs."""
     tokenizer = build_char_tokenizer()

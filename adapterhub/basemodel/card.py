@@ -27,7 +27,7 @@ Recipe: full-parameter AdamW (betas 0.9/0.98, weight decay 0.01, grad clip 1.0),
 {facts['lr']:g}, {facts['warmup']} warm-up steps then cosine decay to 10%, {facts['steps']}
 steps of {facts['batch_size']} freshly sampled records (max length {facts['max_length']}),
 seed {facts['seed']}. Took {facts['seconds']:.0f} s on {facts['threads']} CPU threads;
-final training loss {facts['final_loss']:.4f}.
+final training loss {facts['final_loss'] or float('nan'):.4f}.
 
 ## Training data
 
