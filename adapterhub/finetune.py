@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,8 +97,13 @@ def run_finetune(
     registry=None,
     progress: bool = True,
     resume: bool = True,
+    on_step: Callable[[dict[str, float], int], None] | None = None,
 ) -> FinetuneResult:
-    """Train, evaluate, log and register one adapter; resumes an interrupted job of that name."""
+    """Train, evaluate, log and register one adapter; resumes an interrupted job of that name.
+
+    ``on_step(metrics, step)`` sees every logged metric set (a job service streams them and
+    may raise from it to cancel the job).
+    """
     from adapterhub import settings
     from adapterhub.checkpoints import load_base, read_base_config
     from adapterhub.methods import create_adapter, make_config
@@ -143,8 +149,13 @@ def run_finetune(
             run.log_metrics({f"base_{k}": v for k, v in base_metrics.items()})
         adapter = create_adapter(model, method_config)
         run.log_metrics({"trainable_params": adapter.num_trainable_parameters()})
+        def log(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics(metrics, step)
+            if on_step is not None:
+                on_step(metrics, step)
+
         trainer = Trainer(adapter, tokenizer, train_records, job.train, eval_records=eval_set,
-                          output_dir=out, log=run.log_metrics, progress=progress)
+                          output_dir=out, log=log, progress=progress)
         if resuming:
             trainer.resume()
         t0 = time.perf_counter()
