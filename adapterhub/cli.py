@@ -28,6 +28,19 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory (default: $ADAPTERHUB_HOME or ~/.adapterhub)")
 
 
+_DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _add_client_flags(p: argparse.ArgumentParser, server: bool = True) -> None:
+    if server:
+        p.add_argument("--server", default=None,
+                       help=f"server address (default: $ADAPTERHUB_SERVER or {_DEFAULT_SERVER})")
+    p.add_argument("--api-key", help="API key (default: $ADAPTERHUB_API_KEY)")
+    p.add_argument("--tls-ca", help="CA bundle to verify the server's certificate")
+    p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="client private key (mutual TLS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapterhub", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,11 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true")
     _add_data_dir(ft)
 
-    ad = sub.add_parser("adapters", help="registered adapters")
+    ad = sub.add_parser("adapters", help="registered adapters (registry, or a server's)")
     ad_sub = ad.add_subparsers(dest="action", required=True)
-    ls = ad_sub.add_parser("list", help="list registered adapters")
+    ls = ad_sub.add_parser("list", help="list registered adapters (--server: loaded ones)")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--server", nargs="?", const=_DEFAULT_SERVER, default=None,
+                    help="list what a server has loaded instead of the registry")
+    _add_client_flags(ls, server=False)
     _add_data_dir(ls)
+    ld = ad_sub.add_parser("load", help="load an adapter into a running server")
+    ld.add_argument("source", help="registry reference or a directory the server can read")
+    ld.add_argument("--name", default="", help="name requests use (default: the reference)")
+    _add_client_flags(ld)
+    ul = ad_sub.add_parser("unload", help="unload an adapter from a running server")
+    ul.add_argument("name")
+    _add_client_flags(ul)
     show = ad_sub.add_parser("show", help="versions, aliases and config of one adapter")
     show.add_argument("ref", help="name, name@alias, name/version, models:/..., or a path")
     _add_data_dir(show)
@@ -78,6 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("version", type=int)
     _add_data_dir(al)
 
+    gen = sub.add_parser("generate", help="generate text on a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--adapter", default="", help="adapter reference (default: bare base)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    _add_client_flags(gen)
+
+    jobs = sub.add_parser("jobs", help="fine-tune jobs on a running server")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True)
+    js = jobs_sub.add_parser("submit", help="submit a fine-tune job")
+    js.add_argument("--name", required=True, help="adapter name to register")
+    js.add_argument("--method", default="lora")
+    js_src = js.add_mutually_exclusive_group(required=True)
+    js_src.add_argument("--task", help="a task shipped with the server")
+    js_src.add_argument("--train", help="JSONL path on the server")
+    js_src.add_argument("--records", help="local JSONL file sent inline")
+    js.add_argument("--eval", help="held-out JSONL path on the server")
+    js.add_argument("--param", action="append", type=_kv, default=[], metavar="KEY=VALUE")
+    js.add_argument("--rank", type=int)
+    js.add_argument("--steps", type=int, default=0)
+    js.add_argument("--batch-size", type=int, default=0)
+    js.add_argument("--lr", type=float, default=0.0)
+    js.add_argument("--alias", action="append", default=[])
+    js.add_argument("--watch", action="store_true", help="follow progress until it ends")
+    _add_client_flags(js)
+    for action in ("get", "cancel", "watch"):
+        p = jobs_sub.add_parser(action, help=f"{action} a job")
+        p.add_argument("id")
+        _add_client_flags(p)
+    _add_client_flags(jobs_sub.add_parser("list", help="list jobs"))
+
     tasks = sub.add_parser("tasks", help="list the shipped training tasks")
     tasks.add_argument("--write", metavar="DIR", help="also write each task's JSONL here")
 
@@ -90,7 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--name", default="demo-adapter")
     _add_data_dir(demo)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Commands of the serving and federated packages, registered as entry points so that
+    this core package never imports them (``adapterhub.commands`` group)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="adapterhub.commands"):
+        try:
+            register = ep.load()
+        except ImportError:
+            continue  # that package is not installed
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,12 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings.offline_env(getattr(args, "data_dir", None))
     from adapterhub import commands
+    from adapterhub.client import ClientError
 
     commands.quiet_libraries()
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(args, "func", None) or getattr(commands, f"cmd_{args.command}")
     try:
         return int(handler(args) or 0)
     except AdapterHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:

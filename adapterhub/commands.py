@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from adapterhub.errors import AdapterHubError
@@ -65,7 +66,33 @@ def _summary_row(a) -> dict:
             "method": a.method, "base_model": a.base_model}
 
 
+def _client(args: argparse.Namespace):
+    from adapterhub.client import Client
+
+    return Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca,
+                  client_cert=args.tls_cert, client_key=args.tls_key)
+
+
+def _server_adapters(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        if args.action == "load":
+            print(json.dumps(MessageToDict(client.load_adapter(args.source, args.name)),
+                             indent=1))
+        elif args.action == "unload":
+            client.unload_adapter(args.name)
+            print(f"unloaded {args.name}")
+        else:
+            rows = [MessageToDict(a, always_print_fields_with_no_presence=True)
+                    for a in client.list_adapters()]
+            print(json.dumps(rows, indent=1))
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
+    if args.action in ("load", "unload") or getattr(args, "server", None):
+        return _server_adapters(args)
     registry = _registry(args)
     if args.action == "list":
         rows = [_summary_row(a) for a in registry.list_adapters()]
@@ -107,6 +134,83 @@ def _export(adapter_dir: Path, out: Path, base: str | None) -> int:
     adapter = load_adapter(load_base_model(base), adapter_dir)
     adapter.export_peft_lora(out)
     print(f"exported {adapter.config.method} adapter as PEFT LoRA to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from adapterhub.client import FINISH_REASONS
+
+    kwargs = dict(adapter=args.adapter, max_tokens=args.max_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, stop=args.stop)
+    with _client(args) as client:
+        if args.stream:
+            last = None
+            for last in client.generate_stream(args.prompt, timeout=args.timeout, **kwargs):
+                print(last.text, end="", flush=True)
+            print()
+            reason = FINISH_REASONS[last.finish_reason] if last else "?"
+            print(f"[finish: {reason}]", file=sys.stderr)
+        else:
+            out = client.generate(args.prompt, timeout=args.timeout, **kwargs)
+            print(out.text)
+            print(f"[finish: {FINISH_REASONS[out.finish_reason]}, "
+                  f"{out.usage.completion_tokens} tokens, {out.timings.total_s:.3f}s]",
+                  file=sys.stderr)
+    return 0
+
+
+def _job_row(job) -> dict:
+    from adapterhub.client import JOB_STATES
+
+    return {"id": job.id, "name": job.spec.output_name, "state": JOB_STATES[job.state],
+            "step": job.step, "total_steps": job.total_steps, "loss": round(job.loss, 5),
+            "tokens_per_s": round(job.tokens_per_s, 1), "adapter": job.adapter_ref,
+            "error": job.error, "metrics": dict(job.metrics)}
+
+
+def _watch(client, job_id: str) -> int:
+    from adapterhub.client import JOB_STATES
+
+    last = None
+    for last in client.watch_job(job_id):
+        row = _job_row(last)
+        print(f"{row['id']} {row['state']:9} step {row['step']}/{row['total_steps']} "
+              f"loss {row['loss']} tok/s {row['tokens_per_s']}", flush=True)
+    if last is not None and JOB_STATES[last.state] != "succeeded":
+        print(f"error: job {job_id} ended {JOB_STATES[last.state]}: {last.error}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "submit":
+            params = dict(args.param)
+            if args.rank is not None:
+                params.setdefault("r", args.rank)
+            records = None
+            if args.records:
+                from adapterhub.data import read_jsonl
+
+                records = [(r.prompt, r.completion) for r in read_jsonl(args.records)]
+            training = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
+                                          "lr": args.lr}.items() if v}
+            job = client.submit_job(args.name, method=args.method, method_params=params,
+                                    task=args.task, train_path=args.train, records=records,
+                                    eval_path=args.eval, training=training,
+                                    aliases=args.alias)
+            print(json.dumps(_job_row(job), indent=1))
+            return _watch(client, job.id) if args.watch else 0
+        if args.action == "list":
+            print(json.dumps([_job_row(j) for j in client.list_jobs()], indent=1))
+        elif args.action == "get":
+            print(json.dumps(_job_row(client.get_job(args.id)), indent=1))
+        elif args.action == "cancel":
+            print(json.dumps(_job_row(client.cancel_job(args.id)), indent=1))
+        elif args.action == "watch":
+            return _watch(client, args.id)
     return 0
 
 
