@@ -31,7 +31,8 @@ def test_jobs_run_in_order_register_and_report(tiny_llama, tmp_path, data_dir):
                          allowed_dataset_roots=[tmp_path], progress_interval=0.0)
 
     def on_succeeded(job):
-        # Called before the worker takes the next job: the second has not started yet.
+        # Called before SUCCEEDED is published (a watcher that sees it finds the adapter
+        # served already) and before the worker takes the next job.
         seen.append((job.id, [j.state for j in manager.list()]))
 
     manager.on_succeeded = on_succeeded
@@ -61,7 +62,7 @@ def test_jobs_run_in_order_register_and_report(tiny_llama, tmp_path, data_dir):
     assert done.state == JobState.SUCCEEDED and done.adapter_ref == "inline/2"
 
     assert [s[0] for s in seen] == [first.id, second.id]
-    assert seen[0][1] == [JobState.QUEUED, JobState.SUCCEEDED]  # newest first
+    assert seen[0][1] == [JobState.QUEUED, JobState.RUNNING]  # newest first
     registry = Registry(data_dir)
     assert registry.resolve("inline/1").is_dir()
     assert registry.resolve_version("inline@prod").version == 2

@@ -67,6 +67,7 @@ class JobManager:
         self._runner = JobRunner(
             self.store, self.data_dir, registry, progress_interval,
             cancelled=self._is_cancel_requested, stopping=self._stopping.is_set,
+            before_success=self._succeeded,
         )
 
     # ---- submitting -------------------------------------------------------------------
@@ -247,15 +248,14 @@ class JobManager:
         finally:
             self._lock.release()
 
+    def _succeeded(self, job: Job) -> None:
+        if self.on_succeeded is not None:  # looked up late: callers may set it after __init__
+            self.on_succeeded(job)
+
     def _execute(self, job: Job, resume: bool) -> None:
         if job.cancel_requested or self._is_cancel_requested(job.id):
-            done = self.store.update(job.id, state=JobState.CANCELLED)
+            self.store.update(job.id, state=JobState.CANCELLED)
         else:
-            done = self._runner.run(job, resume=resume)
+            self._runner.run(job, resume=resume)  # calls on_succeeded before publishing
         with self._cancel_lock:
             self._cancel_ids.discard(job.id)
-        if done is not None and done.state == JobState.SUCCEEDED and self.on_succeeded:
-            try:
-                self.on_succeeded(done)
-            except Exception:
-                log.exception("on_succeeded hook failed for job %s", job.id)

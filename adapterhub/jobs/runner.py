@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ class JobRunner:
         progress_interval: float,
         cancelled: Callable[[str], bool],
         stopping: Callable[[], bool],
+        before_success: Callable[[Job], None] | None = None,
     ) -> None:
+        self.before_success = before_success
         self.store = store
         self.data_dir = data_dir
         self._registry = registry
@@ -95,9 +98,12 @@ class JobRunner:
             # A resumed run evaluated the base before the interruption; its metrics are in MLflow.
             metrics.update(self._run_metrics(result.run_id, prefix="base_"))
         last = result.metrics
+        adapter_ref = f"{result.name}/{result.version}"
+        self._announce(replace(recorder.job, state=JobState.SUCCEEDED, run_id=result.run_id,
+                               adapter_ref=adapter_ref, metrics=metrics))
         return recorder.flush(
             state=JobState.SUCCEEDED, step=job.total_steps, run_id=result.run_id,
-            adapter_ref=f"{result.name}/{result.version}", metrics=metrics,
+            adapter_ref=adapter_ref, metrics=metrics,
             **{k: last[k] for k in ("loss", "tokens_per_s") if k in last},
         )
 
@@ -112,11 +118,24 @@ class JobRunner:
             return None
         log.info("job %s had already finished as version %s; recording it", job.id,
                  state.get("version"))
+        adapter_ref = f"{job.spec.name}/{state['version']}"
+        metrics = self._run_metrics(job.run_id)
+        self._announce(replace(job, state=JobState.SUCCEEDED, adapter_ref=adapter_ref,
+                               metrics=metrics))
         return self.store.update(
             job.id, state=JobState.SUCCEEDED, step=job.total_steps,
-            adapter_ref=f"{job.spec.name}/{state['version']}",
-            metrics=self._run_metrics(job.run_id),
+            adapter_ref=adapter_ref, metrics=metrics,
         )
+
+    def _announce(self, done: Job) -> None:
+        # Whoever serves the adapter loads it before watchers see SUCCEEDED, so a client
+        # that reacts to the final state finds the adapter already there.
+        if self.before_success is None:
+            return
+        try:
+            self.before_success(done)
+        except Exception:
+            log.exception("on_succeeded hook failed for job %s", done.id)
 
     def _run_metrics(self, run_id: str, prefix: str = "") -> dict[str, float]:
         try:

@@ -81,6 +81,12 @@ class Engine:
             self._inbox.append(("refresh_adapter", name))
         return adapter
 
+    def prepare_adapter(self, ref: str) -> None:
+        """Make sure ``ref`` is in the host store, resolving and loading it if needed
+        (slow: call it outside any lock that token delivery needs)."""
+        if ref not in self.store:
+            self._resolve(ref)
+
     def _resolve(self, ref: str) -> None:
         if self.resolver is None:
             raise AdapterNotFound(f"adapter {ref!r} is not registered")
@@ -117,8 +123,8 @@ class Engine:
             raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the context length {self.max_model_len}")
-        if adapter and adapter not in self.store:
-            self._resolve(adapter)
+        if adapter:
+            self.prepare_adapter(adapter)
         need = -(-(len(ids) + params.max_tokens) // self.config.block_size) + (
             self.cache.pages_needed(adapter) if adapter else 0)
         if need + self.config.watermark_pages > self.pool.num_pages:
@@ -126,7 +132,7 @@ class Engine:
         if deadline_s is not None and deadline_s <= 0:
             raise InvalidRequest("deadline must be positive")
         with self._lock:
-            if self._pending >= self.config.max_queue:
+            if self._pending + len(self.scheduler.waiting) >= self.config.max_queue:
                 raise Overloaded(f"queue is full ({self.config.max_queue} requests waiting)")
             seq = Sequence(ids, params, adapter or None,
                            deadline=time.monotonic() + deadline_s if deadline_s else None)
@@ -258,6 +264,7 @@ class Engine:
         out = self._delta(seq, new_ids or [], text)
         out.finished, out.finish_reason, out.error = True, reason.value, error
         out.ttft_s = seq.first_token_at - seq.arrival if seq.first_token_at else None
+        out.queue_s = seq.scheduled_at - seq.arrival if seq.scheduled_at else None
         out.latency_s = seq.finished_at - seq.arrival
         return out
 
@@ -290,7 +297,7 @@ class Engine:
     def stats(self) -> dict:
         pool = self.pool.stats()
         per_adapter: dict[str, dict[str, int]] = {}
-        for seq in self._live.values():
+        for seq in list(self._live.values()):  # snapshot: the loop thread mutates _live
             key = seq.adapter or ""
             entry = per_adapter.setdefault(key, {"running": 0, "waiting": 0})
             entry["running" if seq.status is Status.RUNNING else "waiting"] += 1

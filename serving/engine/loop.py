@@ -75,6 +75,9 @@ class EngineLoop:
     """Owns the thread that calls ``engine.step()`` while there is work."""
 
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        if getattr(engine, "_loop", None) is not None and engine._loop._thread.is_alive():
+            raise RuntimeError("this engine is already driven by an EngineLoop")
+        engine._loop = self
         self.engine = engine
         self.idle_wait_s = idle_wait_s
         self._handles: dict[str, RequestHandle] = {}
@@ -88,6 +91,8 @@ class EngineLoop:
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                adapter: str | None = None, deadline_s: float | None = None) -> RequestHandle:
         """Validate and enqueue; raises the engine's request errors synchronously."""
+        if adapter:
+            self.engine.prepare_adapter(adapter)  # may load from the registry: not under lock
         with self._lock:
             rid = self.engine.add_request(prompt, params, adapter, deadline_s)
             handle = RequestHandle(self, rid)
@@ -123,7 +128,8 @@ class EngineLoop:
             handles, self._handles = self._handles, {}
         for rid, handle in handles.items():
             self.engine.abort(rid)
-            handle._deliver(RuntimeError(f"engine step failed: {exc}"))
+            handle._deliver(exc if isinstance(exc, RuntimeError)
+                            else RuntimeError(f"engine step failed: {exc}"))
             handle._deliver(_DONE)
 
     def run_in_loop(self, fn, *args):
@@ -132,6 +138,10 @@ class EngineLoop:
             return fn(*args)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop stepping; requests still in flight end with an error, nobody waits forever."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._fail_all(RuntimeError("the engine is shutting down"))
+        while self.engine.has_unfinished() and not self._thread.is_alive():
+            self.engine.step()  # apply the aborts so every page is returned

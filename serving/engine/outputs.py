@@ -16,5 +16,6 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # everything so far (for convenience)
     text: str = ""
     prompt_tokens: int = 0
+    queue_s: float | None = None  # arrival until first scheduled
     ttft_s: float | None = None
     latency_s: float | None = None

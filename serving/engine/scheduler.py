@@ -9,6 +9,7 @@ preempted (its KV is freed and it is recomputed later, keeping its output so far
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -153,6 +154,8 @@ class Scheduler:
             self.waiting.popleft()
             self._grow(seq, n)
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n

@@ -44,6 +44,7 @@ class Sequence:
     error: str | None = None
     output_text: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
     generator: torch.Generator | None = None
