@@ -5,12 +5,17 @@ greedy exact match. Words are lowercase letters only. The shipped base model was
 *other* transformations (copying, repeating, ...; see ``adapterhub.basemodel.corpus``), so it
 knows the format but fails these tasks, typically by copying the word back.
 
-How hard each task is for a rank-8 LoRA on the shipped base (2 CPU cores):
+Held-out exact match of a rank-8 LoRA on all linear layers of the shipped base (AdamW, cosine
+schedule; the base scores 0.00 on every task):
 
-* ``uppercase`` - easy: a per-character map, learnt in ~100 steps (the default task).
-* ``caesar``    - easy: shift each letter one place (z wraps to a), ~150 steps.
-* ``reverse``   - medium: needs new attention positions, several hundred steps.
-* ``sort``      - hard: letters in alphabetical order; a rank-8 adapter only partly learns it.
+* ``caesar``    - easy, the default: shift each letter one place (z wraps to a); 0.96-1.00
+  after 60 steps of batch 16 at lr 5e-3 (the base knows the alphabet's order), 1.00 after 100.
+* ``uppercase`` - easy: a per-character map; 0.86-0.97 after 60 steps, 0.99-1.00 after 100.
+* ``reverse``   - medium: needs new attention positions; 0.90 after 200 steps of batch 32,
+  0.97 after 300.
+* ``sort``      - hard: letters in alphabetical order; about 0.8 after 300 steps of batch 32.
+
+Regenerate the shipped splits (2000 train / 200 eval, seed 0) with ``python -m adapterhub.tasks``.
 """
 
 from __future__ import annotations
@@ -72,15 +77,15 @@ def _sort(rng: random.Random) -> Record:
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("uppercase", "upper-case a lowercase word (easy)", _uppercase),
         TaskSpec("caesar", "shift every letter one place forward, z -> a (easy)", _caesar),
+        TaskSpec("uppercase", "upper-case a lowercase word (easy)", _uppercase),
         TaskSpec("reverse", "write the word backwards (medium)", _reverse),
         TaskSpec("sort", "sort the letters alphabetically (hard)", _sort),
     )
 }
 
 # The task the demo and the benchmark train on: the one a rank-8 LoRA learns most reliably.
-DEFAULT_TASK = "uppercase"
+DEFAULT_TASK = "caesar"
 
 
 def get_task(name: str) -> TaskSpec:

@@ -25,7 +25,7 @@ from adapterhub.data import collate, encode_example
 from adapterhub.tasks import DEFAULT_TASK, generate_records
 from adapterhub.tokenizer import build_char_tokenizer, save_char_tokenizer
 
-DEFAULTS = dict(steps=3000, seed=0, batch_size=64, lr=3e-3, warmup=100, max_length=64)
+DEFAULTS = dict(steps=1500, seed=0, batch_size=64, lr=3e-3, warmup=100, max_length=64)
 
 
 def make_config(vocab_size: int, bos: int, eos: int, pad: int) -> LlamaConfig:
@@ -67,8 +67,8 @@ def pretrain(
     """Train all parameters on freshly sampled corpus batches; returns (step, loss) logs."""
     tokenizer = build_char_tokenizer()
     rng = random.Random(seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.98),
@@ -123,6 +123,9 @@ def build(out: Path, steps: int, seed: int, batch_size: int, lr: float, warmup: 
         name=DEFAULT_BASE_NAME, steps=steps, seed=seed, batch_size=batch_size, lr=lr,
         warmup=warmup, max_length=max_length, seconds=seconds, threads=torch.get_num_threads(),
         params=sum(p.numel() for p in model.parameters()), final_loss=logs[-1][1] if logs else None,
+        hidden=config.hidden_size, layers=config.num_hidden_layers,
+        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+        intermediate=config.intermediate_size,
         copy_em=copy_em, task_em=task_em, default_task=DEFAULT_TASK,
     )
     write_model_card(out, facts)
