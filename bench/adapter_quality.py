@@ -26,7 +26,7 @@ from adapterhub.checkpoints import load_base  # noqa: E402
 from adapterhub.data import read_jsonl  # noqa: E402
 from adapterhub.methods import create_adapter, make_config  # noqa: E402
 from adapterhub.tasks import DEFAULT_TASK, task_path  # noqa: E402
-from adapterhub.train import Trainer, TrainConfig, evaluate  # noqa: E402
+from adapterhub.train import TrainConfig, Trainer, evaluate  # noqa: E402
 
 # Same active rank for every method; MoS trades rank-8 LoRA's private vectors for a shared
 # pool of e=2 vectors per layer (r/e = 4x fewer parameters), Hydra splits its rank 4 + 4.

@@ -154,14 +154,11 @@ def test_serve_command_end_to_end(tiny_llama, tmp_path, capsys):
             final = c.jobs.Get(finetune_pb2.GetJobRequest(id=job.id))
             assert states[-1] == OK, final.error
             assert final.adapter_ref == "served/1" and final.mlflow_run_id
-            # A bare name resolves through the registry even before on_succeeded ran ...
+            # The adapter was loaded before SUCCEEDED was published: no restart, no wait.
+            get = adapters_pb2.GetAdapterRequest(name="served")
+            assert c.adapters.Get(get).source == "served/1"
             out = c.inference.Generate(request("tuned", adapter="served"))
             assert out.usage.completion_tokens == 8
-            # ... which the manager calls just after publishing the final state.
-            get = adapters_pb2.GetAdapterRequest(name="served")
-            while code_of(c.adapters.Get, get) == S.NOT_FOUND and time.monotonic() < end:
-                time.sleep(0.05)
-            assert c.adapters.Get(get).source == "served/1"
             # Registry references resolve on first use too.
             assert c.inference.Generate(request("x", adapter="served/1")).usage.prompt_tokens
             url = f"http://127.0.0.1:{metrics_port}/metrics"
