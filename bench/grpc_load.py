@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
+from percentiles import pct  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from adapterhub.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from serving.api import Server, ServerConfig  # noqa: E402
@@ -40,16 +41,6 @@ from serving.engine.loop import EngineLoop  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[grpc_load] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def tiny_checkpoint(path: Path) -> Path:

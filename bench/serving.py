@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from percentiles import pct  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 from workload import (  # noqa: E402
     AdapterBank,
@@ -92,16 +93,6 @@ class Record:
     first: float | None = None
     finish: float | None = None
     tokens: list[int] = field(default_factory=list)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def summarize(records: list[Record], wall_s: float, slo_s: float | None) -> dict:
