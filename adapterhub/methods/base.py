@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def _quote(names: list[str]) -> str:
     return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(nn.Module, abc.ABC):
     """A base causal LM with one adapter injected; subclasses supply the method specifics.
 
     Subclasses implement ``_adapter_tensors`` (live tensors by native key), ``lowrank`` and
@@ -45,20 +46,20 @@ class AdapterModel(nn.Module):
         return self.model.generate(**kwargs)
 
     # --- method hooks ----------------------------------------------------------------------
+    @abc.abstractmethod
     def _adapter_tensors(self) -> dict[str, Tensor]:
         """Live adapter tensors by native key; loading writes into exactly these."""
-        raise NotImplementedError
 
     def _check_loaded(self, sd: dict[str, Tensor]) -> None:
         """Method-specific value checks on a shape-checked state dict (default: none)."""
 
+    @abc.abstractmethod
     def lowrank(self) -> dict[str, LowRankDelta]:
         """Per adapted module path (e.g. ``model.layers.0.self_attn.q_proj``), its delta."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unload(self) -> PreTrainedModel:
         """The base model with the adapter layers removed, not merged. Ends this adapter."""
-        raise NotImplementedError
 
     # --- parameters and state --------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

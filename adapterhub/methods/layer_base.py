@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from adapterhub.methods.lowrank import LowRankDelta
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, abc.ABC):
     """``forward(x) = base_layer(x) + delta(x, base_output)``; subclasses define ``delta``.
 
     Adapter parameters are fp32 on the base weight's device (PEFT's default too): a 4-bit base
@@ -38,17 +39,17 @@ class AdapterLayer(nn.Module):
     def device(self) -> torch.device:
         return self.base_layer.weight.device
 
+    @abc.abstractmethod
     def delta(self, x: Tensor, base_out: Tensor) -> Tensor:
         """The adapter's additive term (already scaled), in adapter dtype."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Live adapter tensors of this layer by local name (parameters and index buffers)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lowrank(self) -> LowRankDelta:
         """This layer's update as one LoRA-shaped delta (detached)."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
