@@ -19,7 +19,7 @@ from adapterhub.errors import RegistryError
 from adapterhub.registry.refs import MODELS_SCHEME, looks_like_path, parse_ref, validate_name
 from serving.api.status import ApiError
 from serving.engine.adapter_loader import load_host_adapter
-from serving.engine.errors import AdapterNotFound, Overloaded
+from serving.engine.errors import AdapterNotFound
 from serving.engine.loop import EngineLoop, RequestHandle
 from serving.engine.sampling import SamplingParams
 
@@ -66,17 +66,10 @@ class LocalBackend:
     # -- inference --------------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams, adapter: str | None,
                deadline_s: float | None) -> RequestHandle:
-        self._admit()
+        self.engine.check_capacity()  # before loading an adapter for a request we would refuse
         if adapter:
             self.ensure_adapter(adapter, from_request=True)
         return self.loop.submit(prompt, params, adapter or None, deadline_s)
-
-    def _admit(self) -> None:
-        # Engine.add_request bounds only its inbox, which the loop empties every step; the
-        # queue that actually grows under load is the scheduler's waiting list.
-        waiting = len(self.engine.scheduler.waiting) + getattr(self.engine, "_pending", 0)
-        if waiting >= self.engine.config.max_queue:
-            raise Overloaded(f"queue is full ({waiting} requests waiting)")
 
     def ensure_adapter(self, ref: str, from_request: bool = False) -> None:
         """Make ``ref`` servable: already registered, or resolved and loaded under its ref."""

@@ -132,8 +132,7 @@ class Engine:
         if deadline_s is not None and deadline_s <= 0:
             raise InvalidRequest("deadline must be positive")
         with self._lock:
-            if self._pending + len(self.scheduler.waiting) >= self.config.max_queue:
-                raise Overloaded(f"queue is full ({self.config.max_queue} requests waiting)")
+            self.check_capacity()
             seq = Sequence(ids, params, adapter or None,
                            deadline=time.monotonic() + deadline_s if deadline_s else None)
             if request_id:
@@ -144,6 +143,13 @@ class Engine:
             self._pending += 1
             self._inbox.append(("add", seq))
         return seq.request_id
+
+    def check_capacity(self) -> None:
+        """Raise Overloaded when the bounded queue (not yet scheduled requests) is full;
+        callers may check before costly work such as loading an adapter."""
+        waiting = self._pending + len(self.scheduler.waiting)
+        if waiting >= self.config.max_queue:
+            raise Overloaded(f"queue is full ({waiting} requests waiting)")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
