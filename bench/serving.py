@@ -129,8 +129,9 @@ def instrument(engine: Engine) -> dict[str, float]:
     """Accumulate wall time of the step's parts by wrapping instance methods (no engine edit).
 
     schedule includes adapter loads into the pool (admission and prefetch); execute includes
-    pack (reading active adapters from the pool and concatenating them per module) and the
-    model forward; the rest of step() is draining the inbox and per-token bookkeeping.
+    slot assignment (copying adapters that join the batch from their pool pages into the
+    persistent slot buffers) and the model forward; the rest of step() is draining the inbox
+    and per-token bookkeeping.
     """
     acc: dict[str, float] = defaultdict(float)
 
@@ -149,14 +150,14 @@ def instrument(engine: Engine) -> dict[str, float]:
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.cache, "load", "adapter_load")
     wrap(engine.runner, "execute", "execute")
-    wrap(engine.runner, "_pack", "pack")
+    wrap(engine.runner.slots, "assign", "slot_assign")
     wrap(engine.runner.model, "forward", "forward")
     wrap(engine.runner.model, "compute_logits", "logits")
 
     # Counters, outside the timed wrappers. Adapter bytes per step: a decode step must read
     # the base weights once plus every distinct active adapter's weights once, which bounds
     # n-adapter throughput against n = 1 when decode is memory-bound.
-    runner, execute, pack = engine.runner, engine.runner.execute, engine.runner._pack
+    runner, execute = engine.runner, engine.runner.execute
 
     def counted_execute(batch, *args, **kwargs):
         names = {s.adapter for s, _ in batch.prefills} | {s.adapter for s in batch.decodes}
@@ -165,15 +166,7 @@ def instrument(engine: Engine) -> dict[str, float]:
         acc["active_adapter_bytes"] += sum(engine.store.get(n).nbytes for n in names)
         return execute(batch, *args, **kwargs)
 
-    def counted_pack(names, pool, cache):
-        # A repack with the same adapters only because a load elsewhere bumped the cache's
-        # generation (engine.runner keys packed weights by (names, cache.generation)).
-        key = runner._packed_key
-        if key is not None and key[0] == tuple(names) and key[1] != cache.generation:
-            acc["repacks_same_adapters"] += 1
-        return pack(names, pool, cache)
-
-    runner.execute, runner._pack = counted_execute, counted_pack
+    runner.execute = counted_execute
     return acc
 
 
@@ -202,7 +195,7 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
                     adapters=names[:2])
     engine.release_idle_adapters()
     acc = instrument(engine)
-    steps0, repacks0 = engine.steps, engine.runner.repacks
+    steps0, copies0 = engine.steps, engine.runner.slots.copies
     loads0, evictions0 = engine.cache.loads, engine.cache.evictions
     records = [Record(r.arrival_s, r.output_len) for r in trace]
     by_id: dict[str, int] = {}
@@ -245,10 +238,10 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
     breakdown = {
         "schedule_excl_adapter_load": acc["schedule"] - acc["adapter_load"],
         "adapter_load": acc["adapter_load"],
-        "pack": acc["pack"],
+        "slot_assign": acc["slot_assign"],
         "forward": acc["forward"],
         "logits": acc["logits"],
-        "execute_other": acc["execute"] - acc["pack"] - acc["forward"] - acc["logits"],
+        "execute_other": acc["execute"] - acc["slot_assign"] - acc["forward"] - acc["logits"],
         "step_other": step_s - acc["schedule"] - acc["execute"],
     }
     res.update({
@@ -257,8 +250,8 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
         "step_ms_mean": round(step_s / max(steps, 1) * 1e3, 3),
         "idle_share": round(1 - step_s / wall, 4),
         "step_time_share": {k: round(v / step_s, 4) for k, v in breakdown.items()},
-        "repacks": engine.runner.repacks - repacks0,
-        "repacks_same_adapters": int(acc["repacks_same_adapters"]),
+        "slot_copies": engine.runner.slots.copies - copies0,
+        "slot_buffer_mib": round(engine.runner.slots.nbytes / 2**20, 2),
         "active_adapters_per_step_mean": round(acc["active_adapters"] / max(steps, 1), 2),
         "active_adapter_mib_per_step_mean": round(
             acc["active_adapter_bytes"] / max(steps, 1) / 2**20, 2),
@@ -627,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_definition": "first token time minus the request's scheduled arrival time",
         "tpot_definition": "(finish - first token) / (output_len - 1), mean over requests",
         "step_time_share": "engine step wall time split by wrapping engine methods: schedule, "
-                           "adapter_load (pool writes), pack (active adapters read from the "
-                           "pool and concatenated per module), forward, logits, other",
+                           "adapter_load (pool writes), slot_assign (adapters joining the "
+                           "batch copied from pool pages into the persistent slot buffers), "
+                           "forward, logits, other",
     }
     print(json.dumps({"benchmark": "serving", "config": config, "results": results,
                       "ratios": ratios}))

@@ -80,7 +80,7 @@ def test_mixed_batch_matches_peft(setup):
     engine.runner.capture = {}
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = engine.generate([p for p, _ in PROMPTS], params, [a for _, a in PROMPTS])
-    assert engine.runner.repacks >= 1
+    assert engine.runner.slots.copies >= 1
     assert engine.scheduler.preemptions == 0
     for (prompt, adapter), out in zip(PROMPTS, outs, strict=True):
         prompt_ids = [engine.tokenizer.bos_token_id,

@@ -60,12 +60,17 @@ def _slots(k, rng, shuffle, n_seg=3, n_decode=12):
     return torch.tensor(slots, dtype=torch.long)
 
 
-@pytest.fixture(params=["auto", "dense", "grouped"])
+@pytest.fixture(params=["auto", "dense", "grouped", "group_dense"])
 def path(request, monkeypatch):
-    limits = {"dense": 10**9, "grouped": -1}
+    """dense: one masked GEMM pair over the live span; grouped: grouped_mm per rank group;
+    group_dense: one masked GEMM pair per rank group."""
+    limits = {"dense": 10**9, "grouped": -1, "group_dense": -1}
     if request.param in limits:
         monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", limits[request.param])
         monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", limits[request.param])
+    launch = {"grouped": 0, "group_dense": 10**15}
+    if request.param in launch:
+        monkeypatch.setattr(lora_op, "LAUNCH_MACS", launch[request.param])
     return request.param
 
 
@@ -111,6 +116,7 @@ def test_rank_groups_are_views_when_slots_follow_rank(path, rank_ordered):
 
 
 def test_dispatch(monkeypatch):
+    monkeypatch.setattr(lora_op, "LAUNCH_MACS", 0)  # launches free: grouped_mm wherever it can
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(lora_op.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -122,13 +128,35 @@ def test_dispatch(monkeypatch):
     x = torch.randn(5, D_IN)
     lora_delta(x, small, meta)
     assert not calls
-    lora_delta(x, one, meta)
+    lora_delta(x, one, meta)  # a group of one adapter: two plain GEMMs on its tokens
+    assert not calls
+    lora_delta(x, big, meta)  # rank 64 (two adapters): grouped; rank 32 (one): plain
     assert len(calls) == 2
-    lora_delta(x, big, meta)
-    assert len(calls) == 6
     meta = LoraBatchMeta.build(torch.tensor([1, 1, 1, 1, 1, 1, 1, -1]), [64, 32, 64])
     lora_delta(torch.randn(8, D_IN), one, meta)  # waste 8/7: dense
-    assert len(calls) == 6
+    assert len(calls) == 2
+
+
+def test_decode_sized_groups_use_one_masked_gemm_pair(monkeypatch):
+    """A token or two per adapter: per-adapter GEMMs would be all launch overhead."""
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(lora_op.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ranks = [16] * 12
+    adapters = _adapters(ranks)
+    slots = torch.arange(12).repeat(2)  # two decode tokens per adapter
+    meta = LoraBatchMeta.build(slots, ranks)
+    plan = meta.plan(tuple(ranks))
+    assert not plan.dense and len(plan.groups) == 1
+    x = torch.randn(len(slots), D_IN)
+    delta = lora_delta(x, pack_lora_weights(adapters), meta)
+    assert not calls
+    torch.testing.assert_close(delta.double(), _reference(x, slots, adapters),
+                               atol=1e-5, rtol=1e-5)
+    many = torch.arange(12).repeat_interleave(200)  # long prefill segments: grouped GEMMs
+    lora_delta(torch.randn(len(many), D_IN), pack_lora_weights(adapters),
+               LoraBatchMeta.build(many, ranks))
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("d_in,dtype", [(30, torch.float32), (D_IN, torch.float64)])

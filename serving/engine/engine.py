@@ -38,7 +38,8 @@ class Engine:
         self.resolver = resolver
         hf_config = read_base_config(config.model)
         self.tokenizer = load_tokenizer(config.model)
-        self.runner = ModelRunner.from_checkpoint(config.model, config.dtype, config.device)
+        self.runner = ModelRunner.from_checkpoint(config.model, config.dtype, config.device,
+                                                  config.max_num_seqs)
         self.shape = self.runner.shape
         self.max_model_len = config.max_model_len or hf_config.get(
             "max_position_embeddings", 2048)

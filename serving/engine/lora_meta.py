@@ -3,7 +3,8 @@
 Built once per step from each token's adapter slot, before the forward; every layer and module
 reuses it. All planning runs on the host on small integer tensors, so the forward issues only
 device work. A module's plan depends on its ranks tuple (an adapter that skips a module has rank
-0 there), so plans are cached per distinct tuple; a step sees a handful of them.
+0 there, or is listed in the module's ``skip`` set when its rows are kept but zero), so plans are
+cached per distinct (ranks, skip); a step sees a handful of them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ class RankGroup:
     num_adapters: int
     tokens: slice  # its tokens' range in the sorted order
     offs: Tensor  # int32 [num_adapters]: end of each adapter's tokens within `tokens`
+    counts: list[int]  # tokens of each adapter (host copy of offs' differences)
+    _dense_mask: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.stop - self.tokens.start
+
+    def dense_mask(self) -> Tensor:
+        """[num_tokens, num_adapters * rank]: True where the row is another adapter's."""
+        if self._dense_mask is None:
+            member = torch.repeat_interleave(torch.arange(self.num_adapters),
+                                             torch.tensor(self.counts))
+            owner = torch.arange(self.num_adapters * self.rank) // self.rank
+            self._dense_mask = (member[:, None] != owner[None, :]).to(self.offs.device)
+        return self._dense_mask
 
 
 @dataclass
@@ -39,14 +55,16 @@ class Plan:
     """How one ranks tuple is applied to this step's tokens."""
 
     ranks: tuple[int, ...]
-    sum_rank: int
+    sum_rank: int  # rows of the live span (the rows the dense path multiplies)
+    rows: slice  # the live span: from the first live slot's rows to the last one's
     num_active: int  # tokens with a slot >= 0 whose adapter has rank > 0 here
     dense: bool
     order: Tensor  # [num_active] token indices sorted by (rank group, slot)
     identity: bool  # order is 0..T-1: skip the gather and the scatter
     groups: list[RankGroup]
-    # Dense path: True where packed row j is another slot's and must be zeroed for token t
-    # ([T, sum_r]); None when every token owns every row (one adapter, no bare tokens).
+    skip: frozenset[int] = frozenset()
+    # Dense path: True where span row j is another slot's and must be zeroed for token t
+    # ([T, span rows]); None when every token owns every row (one adapter, no bare tokens).
     _zero_mask: Tensor | None = None
     _mask_built: bool = False
 
@@ -94,17 +112,19 @@ class LoraBatchMeta:
         meta.plan(ranks)
         return meta
 
-    def plan(self, ranks: Sequence[int]) -> Plan:
+    def plan(self, ranks: Sequence[int], skip: frozenset[int] = frozenset()) -> Plan:
+        """``skip``: slots whose rows exist but are zero for this module (tokens pass bare)."""
         ranks = tuple(ranks)
-        cached = self._plans.get(ranks)
+        cached = self._plans.get((ranks, skip))
         if cached is None:
             if len(ranks) != len(self.ranks):
                 raise ValueError(f"weights have {len(ranks)} slots, the batch {len(self.ranks)}")
-            cached = self._plans[ranks] = self._make_plan(ranks)
+            cached = self._plans[(ranks, skip)] = self._make_plan(ranks, skip)
         return cached
 
-    def _make_plan(self, ranks: tuple[int, ...]) -> Plan:
-        k, counts = len(ranks), self.counts
+    def _make_plan(self, ranks: tuple[int, ...], skip: frozenset[int]) -> Plan:
+        k = len(ranks)
+        counts = [0 if s in skip else c for s, c in enumerate(self.counts)]
         row_start = [0] * (k + 1)
         for s, r in enumerate(ranks):
             row_start[s + 1] = row_start[s] + r
@@ -125,27 +145,38 @@ class LoraBatchMeta:
                 rows = torch.cat([torch.arange(row_start[s], row_start[s] + r) for s in members])
                 rows = rows.to(self.device)
             key_of_slot[torch.tensor(members)] = torch.arange(pos, pos + len(members))
-            offs = torch.tensor([counts[s] for s in members]).cumsum(0).to(torch.int32)
+            member_counts = [counts[s] for s in members]
+            offs = torch.tensor(member_counts).cumsum(0).to(torch.int32)
             n = int(offs[-1])
             groups.append(RankGroup(r, rows, len(members), slice(tok, tok + n),
-                                    offs.to(self.device)))
+                                    offs.to(self.device), member_counts))
             pos, tok = pos + len(members), tok + n
+        if skip:  # a skipping slot inside a group's span must not pull its tokens in
+            key_of_slot[torch.tensor(sorted(skip))] = k
         host = self._slots_host
         keys = key_of_slot[torch.where(host >= 0, host, k)]
         order = torch.argsort(keys, stable=True)[:tok]
         identity = tok == host.numel() and bool((order == torch.arange(tok)).all())
-        sum_r, exact = row_start[k], sum(counts[s] * ranks[s] for s in live)
+        # Persistent slot buffers hold idle slots too: the dense path multiplies only the rows
+        # from the first live slot to the last.
+        rows = slice(row_start[live[0]], row_start[live[-1] + 1]) if live else slice(0, 0)
+        sum_r, exact = rows.stop - rows.start, sum(counts[s] * ranks[s] for s in live)
         dense = sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact
-        return Plan(ranks=ranks, sum_rank=sum_r, num_active=tok, dense=dense,
-                    order=order.to(self.device), identity=identity, groups=groups)
+        return Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
+                    order=order.to(self.device), identity=identity, groups=groups, skip=skip)
 
     def zero_mask(self, plan: Plan) -> Tensor | None:
-        """Dense path mask: True where a token's row of x @ A_cat^T belongs to another slot."""
+        """Dense path mask: True where a token's span row of x @ A^T belongs to another slot."""
         if not plan._mask_built:
             one = len(plan.groups) == 1 and plan.groups[0].num_adapters == 1
             if not (one and plan.identity and plan.sum_rank == plan.groups[0].rank):
                 owner = torch.repeat_interleave(torch.arange(len(plan.ranks)),
                                                 torch.tensor(plan.ranks, dtype=torch.long))
-                plan._zero_mask = (self._slots_host[:, None] != owner[None, :]).to(self.device)
+                owner = owner[plan.rows]
+                slots = self._slots_host
+                if plan.skip:  # a skipping slot's tokens own no rows here
+                    skipped = torch.tensor(sorted(plan.skip), dtype=torch.long)
+                    slots = torch.where(torch.isin(slots, skipped), -1, slots)
+                plan._zero_mask = (slots[:, None] != owner[None, :]).to(self.device)
             plan._mask_built = True
         return plan._zero_mask

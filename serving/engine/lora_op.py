@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from serving.engine.lora_meta import LoraBatchMeta, Plan
+from serving.engine.lora_meta import LoraBatchMeta, Plan, RankGroup
 
 __all__ = ["LoraBatchMeta", "LoraContext", "LoraWeights", "apply_lora", "lora_delta",
            "pack_lora_weights"]
@@ -50,6 +50,9 @@ class LoraWeights:
     B: Tensor  # [d_out, sum_r]
     bias: Tensor | None  # [k, d_out]
     ranks: tuple[int, ...]  # per slot; 0 = the adapter does not target this module
+    # Slots whose rows are kept (zero) but whose adapter does not target this module: the
+    # persistent slot buffers (lora_slots.py) fix the row layout, so rank cannot say it.
+    skip: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         self.ranks = tuple(int(r) for r in self.ranks)
@@ -100,9 +103,19 @@ def pack_lora_weights(per_adapter: Sequence[tuple[Tensor, Tensor, Tensor | None]
                        bias=bias, ranks=tuple(A.shape[0] for A, _, _ in entries))
 
 
+# What one extra GEMM launch costs, in multiply-adds of useful work (CPU, one thread: ~5 us of
+# dispatch at ~30 GMAC/s). Only the ratio between the two costs matters.
+LAUNCH_MACS = 150_000
+
+
 @functools.cache
 def _cuda_grouped_ok(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@functools.cache
+def _cuda_native_grouped(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _grouped_ok(x: Tensor, w: LoraWeights) -> bool:
@@ -114,6 +127,21 @@ def _grouped_ok(x: Tensor, w: LoraWeights) -> bool:
     return x.device.type != "cuda" or _cuda_grouped_ok(x.device)
 
 
+def _group_dense_better(x: Tensor, w: LoraWeights, g: RankGroup) -> bool:
+    """Whether one masked GEMM pair over all of a group's rows beats a GEMM pair per adapter.
+
+    The per-adapter GEMMs are tiny in decode (a token or two each), so their cost is launch
+    overhead; the dense pair multiplies every token by every adapter of the group and zeroes
+    the foreign rows. A native grouped kernel (CUDA bf16, sm90+) has no per-adapter launch.
+    """
+    if x.is_cuda and x.dtype == torch.bfloat16 and _cuda_native_grouped(x.device):
+        return False
+    d = w.d_in + w.d_out
+    dense = g.num_tokens * g.num_adapters * g.rank * d
+    grouped = g.num_tokens * g.rank * d + 2 * g.num_adapters * LAUNCH_MACS
+    return dense <= grouped
+
+
 def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
     xs = x.contiguous() if plan.identity else x.index_select(0, plan.order)
     bt = w.B.T  # [sum_r, d_out], contiguous by construction
@@ -122,10 +150,17 @@ def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
             a, b = w.A[g.rows], bt[g.rows]
         else:
             a, b = w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
-        a = a.view(g.num_adapters, g.rank, w.d_in).transpose(1, 2)
-        b = b.view(g.num_adapters, g.rank, w.d_out)
-        h = F.grouped_mm(xs[g.tokens], a, offs=g.offs)  # [n, r]
-        out = F.grouped_mm(h, b, offs=g.offs)  # [n, d_out]
+        if g.num_adapters > 1 and _group_dense_better(x, w, g):
+            h = xs[g.tokens] @ a.T  # [n, adapters * r]
+            h.masked_fill_(g.dense_mask(), 0)
+            out = h @ b
+        elif g.num_adapters == 1:  # one adapter: two plain GEMMs, no grouped launch
+            out = (xs[g.tokens] @ a.T) @ b
+        else:
+            a = a.view(g.num_adapters, g.rank, w.d_in).transpose(1, 2)
+            b = b.view(g.num_adapters, g.rank, w.d_out)
+            h = F.grouped_mm(xs[g.tokens], a, offs=g.offs)  # [n, r]
+            out = F.grouped_mm(h, b, offs=g.offs)  # [n, d_out]
         if plan.identity:
             y[g.tokens] += out
         else:
@@ -133,11 +168,11 @@ def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
 
 
 def _dense(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan) -> None:
-    h = x @ w.A.T  # [T, sum_r]
+    h = x @ w.A[plan.rows].T  # [T, span rows]
     mask = meta.zero_mask(plan)
     if mask is not None:
         h.masked_fill_(mask, 0)
-    y.addmm_(h, w.B.T)
+    y.addmm_(h, w.B.T[plan.rows])
 
 
 def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Tensor:
@@ -145,7 +180,7 @@ def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Ten
 
     x: [T, d_in], y: [T, d_out], in the original token order.
     """
-    plan = meta.plan(w.ranks)
+    plan = meta.plan(w.ranks, w.skip)
     if plan.num_active:
         if plan.dense or not _grouped_ok(x, w):
             _dense(y, x, w, meta, plan)
@@ -171,7 +206,7 @@ class LoraContext:
         self.meta = meta
         self.weights = weights
         for w in weights.values():  # plan every ranks tuple now, so the forward is device work
-            plan = meta.plan(w.ranks)
+            plan = meta.plan(w.ranks, w.skip)
             if plan.dense:
                 meta.zero_mask(plan)
 

@@ -1,9 +1,9 @@
 """The model runner: turns a scheduled batch into tensors, runs the model, samples.
 
 Per step it builds the attention metadata (slots, block tables) and the LoRA batch
-metadata (each token's adapter slot). Adapter weights are read from their pool pages and
-packed per (layer, module) only when the set of active adapters changes; a steady decode
-batch reuses the packed weights step after step.
+metadata (each token's adapter slot). Adapter weights are read from their pool pages into
+persistent slot buffers (lora_slots.py) once, when an adapter first needs a slot; steps
+after that copy nothing for it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from serving.engine.adapter_cache import AdapterCache
-from serving.engine.adapter_store import unpack
 from serving.engine.attention import AttentionMetadata
-from serving.engine.lora_op import LoraBatchMeta, LoraContext, LoraWeights, pack_lora_weights
+from serving.engine.lora_op import LoraBatchMeta, LoraContext
+from serving.engine.lora_slots import LoraSlots
 from serving.engine.model import LlamaForServing
 from serving.engine.pool import UnifiedPool
 from serving.engine.sampling import sample
@@ -25,41 +25,31 @@ from serving.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForServing) -> None:
+    def __init__(self, model: LlamaForServing, max_num_seqs: int = 256) -> None:
         self.model = model
         self.shape = model.shape
         self.device = next(model.parameters()).device
-        self._packed_key: tuple | None = None
-        self._packed: dict[tuple[int, str], LoraWeights] = {}
-        self.repacks = 0
+        dtype = next(model.parameters()).dtype
+        self.slots = LoraSlots(self.shape, dtype, self.device, max_num_seqs)
         # Tests and debugging: request id -> logits of every position it computed.
         self.capture: dict[str, list[torch.Tensor]] | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype, device: str) -> ModelRunner:
-        return cls(LlamaForServing.from_checkpoint(path, dtype=dtype, device=device))
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype, device: str,
+                        max_num_seqs: int = 256) -> ModelRunner:
+        return cls(LlamaForServing.from_checkpoint(path, dtype=dtype, device=device),
+                   max_num_seqs)
 
     # -- adapters -----------------------------------------------------------------------
-    def _active_adapters(self, seqs: Seq[Sequence], cache: AdapterCache) -> list[str]:
-        names = {s.adapter for s in seqs if s.adapter}
-        # Slots in rank order make each rank group a zero-copy view for the grouped GEMM.
-        return sorted(names, key=lambda n: (-cache.resident(n).adapter.max_rank, n))
+    def _slot_of(self, seqs: Seq[Sequence], pool: UnifiedPool,
+                 cache: AdapterCache) -> dict[str, int]:
+        names = sorted({s.adapter for s in seqs if s.adapter})
+        adapters = [cache.resident(n).adapter for n in names]
 
-    def _pack(self, names: list[str], pool: UnifiedPool,
-              cache: AdapterCache) -> dict[tuple[int, str], LoraWeights]:
-        key = (tuple(names), cache.generation)
-        if key == self._packed_key:
-            return self._packed
-        per_adapter = []
-        for name in names:
-            res = cache.resident(name)
-            flat = pool.read_flat(res.pages)  # read from the pool, not the host store
-            per_adapter.append({k: unpack(flat, s) for k, s in res.adapter.layout.items()})
-        modules = sorted({k for layout in per_adapter for k in layout})
-        packed = {m: pack_lora_weights([a.get(m) for a in per_adapter]) for m in modules}
-        self._packed_key, self._packed = key, packed
-        self.repacks += 1
-        return packed
+        def read(adapter):  # from its pool pages (where it is resident), not the host store
+            return pool.read_flat(cache.resident(adapter.name).pages)
+
+        return self.slots.assign(adapters, read)
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -80,16 +70,14 @@ class ModelRunner:
         )
         all_seqs = [s for s, _ in batch.prefills] + batch.decodes
         lora = None
-        names = self._active_adapters(all_seqs, cache)
-        if names:
-            slot_of = {n: i for i, n in enumerate(names)}
+        slot_of = self._slot_of(all_seqs, pool, cache)
+        if slot_of:
             slots: list[int] = []
             for seq, n in batch.prefills:
                 slots.extend([slot_of.get(seq.adapter, -1)] * n)
             slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
-            weights = self._pack(names, pool, cache)
-            ranks = [cache.resident(n).adapter.max_rank for n in names]
-            lora = LoraContext(LoraBatchMeta.build(slots, ranks, self.device), weights)
+            lora_meta = LoraBatchMeta.build(slots, self.slots.ranks, self.device)
+            lora = LoraContext(lora_meta, self.slots.weights)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)
         if self.capture is not None:
