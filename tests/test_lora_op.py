@@ -60,15 +60,18 @@ def _slots(k, rng, shuffle, n_seg=3, n_decode=12):
     return torch.tensor(slots, dtype=torch.long)
 
 
-@pytest.fixture(params=["auto", "dense", "grouped", "group_dense"])
+@pytest.fixture(params=["auto", "dense", "grouped_mm", "group_dense", "loop"])
 def path(request, monkeypatch):
-    """dense: one masked GEMM pair over the live span; grouped: grouped_mm per rank group;
-    group_dense: one masked GEMM pair per rank group."""
-    limits = {"dense": 10**9, "grouped": -1, "group_dense": -1}
-    if request.param in limits:
-        monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", limits[request.param])
-        monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", limits[request.param])
-    launch = {"grouped": 0, "group_dense": 10**15}
+    """dense: one masked GEMM pair over the live span; grouped_mm: the CUDA path, one grouped
+    GEMM pair per rank group; group_dense: a masked GEMM pair per rank group; loop: a GEMM pair
+    per adapter with tokens."""
+    if request.param != "auto":
+        limit = 10**9 if request.param == "dense" else -1
+        monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", limit)
+        monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", limit)
+    if request.param == "grouped_mm":
+        monkeypatch.setattr(lora_op, "FORCE_GROUPED_MM", True)
+    launch = {"group_dense": 10**15, "loop": 0}
     if request.param in launch:
         monkeypatch.setattr(lora_op, "LAUNCH_MACS", launch[request.param])
     return request.param
@@ -115,11 +118,16 @@ def test_rank_groups_are_views_when_slots_follow_rank(path, rank_ordered):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_dispatch(monkeypatch):
-    monkeypatch.setattr(lora_op, "LAUNCH_MACS", 0)  # launches free: grouped_mm wherever it can
+def _spy(monkeypatch):
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(lora_op.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_dispatch_with_grouped_mm(monkeypatch):
+    monkeypatch.setattr(lora_op, "FORCE_GROUPED_MM", True)  # as on CUDA bf16 sm90+
+    calls = _spy(monkeypatch)
     slots = torch.tensor([0, 1, 1, -1, 2])
     small = pack_lora_weights(_adapters([8, 16, 8]))  # sum_r 32: dense
     one = pack_lora_weights(_adapters([0, 64, 0]))  # one adapter, 2 of 5 tokens: waste 2.5x
@@ -137,38 +145,37 @@ def test_dispatch(monkeypatch):
     assert len(calls) == 2
 
 
-def test_decode_sized_groups_use_one_masked_gemm_pair(monkeypatch):
-    """A token or two per adapter: per-adapter GEMMs would be all launch overhead."""
-    calls = []
-    real = F.grouped_mm
-    monkeypatch.setattr(lora_op.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_cpu_picks_dense_for_decode_and_a_loop_for_long_segments(monkeypatch):
+    """A token or two per adapter: per-adapter GEMMs would be all launch overhead; long
+    prefill segments: a GEMM pair per adapter. Neither calls grouped_mm, a loop of GEMMs over
+    every slot on CPU."""
+    calls = _spy(monkeypatch)
     ranks = [16] * 12
-    adapters = _adapters(ranks)
-    slots = torch.arange(12).repeat(2)  # two decode tokens per adapter
-    meta = LoraBatchMeta.build(slots, ranks)
-    plan = meta.plan(tuple(ranks))
-    assert not plan.dense and len(plan.groups) == 1
-    x = torch.randn(len(slots), D_IN)
-    delta = lora_delta(x, pack_lora_weights(adapters), meta)
+    w = pack_lora_weights(_adapters(ranks))
+    for slots, want in ((torch.arange(12).repeat(2), "dense"),
+                        (torch.arange(12).repeat_interleave(200), "loop")):
+        meta = LoraBatchMeta.build(slots, ranks)
+        plan = meta.plan(tuple(ranks))
+        assert not plan.dense and len(plan.groups) == 1
+        x = torch.randn(len(slots), D_IN)
+        assert lora_op._group_path(x, w, plan.groups[0]) == want
+        torch.testing.assert_close(lora_delta(x, w, meta).double(),
+                                   _reference(x, slots, _adapters(ranks)), atol=1e-5, rtol=1e-5)
     assert not calls
-    torch.testing.assert_close(delta.double(), _reference(x, slots, adapters),
-                               atol=1e-5, rtol=1e-5)
-    many = torch.arange(12).repeat_interleave(200)  # long prefill segments: grouped GEMMs
-    lora_delta(torch.randn(len(many), D_IN), pack_lora_weights(adapters),
-               LoraBatchMeta.build(many, ranks))
-    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("d_in,dtype", [(30, torch.float32), (D_IN, torch.float64)])
-def test_falls_back_to_dense_where_grouped_mm_cannot_run(monkeypatch, d_in, dtype):
+def test_avoids_grouped_mm_where_it_cannot_run(monkeypatch, d_in, dtype):
     monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", -1)
     monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", -1)
+    monkeypatch.setattr(lora_op, "FORCE_GROUPED_MM", True)
+    calls = _spy(monkeypatch)
     adapters = _adapters([64, 32, 8], d_in=d_in, bias=True, dtype=dtype)
     slots = torch.tensor([2, 0, 0, -1, 1, 2, 0])
     x = torch.randn(len(slots), d_in, dtype=dtype)
     meta = LoraBatchMeta.build(slots, [64, 32, 8])
     out = lora_delta(x, pack_lora_weights(adapters), meta)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and not calls
     torch.testing.assert_close(out.double(), _reference(x, slots, adapters), atol=1e-5, rtol=1e-5)
 
 

@@ -26,7 +26,7 @@ DENSE_MAX_WASTE = 1.25
 
 @dataclass
 class RankGroup:
-    """The adapters of one rank: one grouped GEMM pair over their sorted tokens."""
+    """The adapters of one rank (with idle slots between them) and their sorted tokens."""
 
     rank: int
     rows: slice | Tensor  # packed rows of its adapters: a slice (zero-copy view) or an index
@@ -39,6 +39,16 @@ class RankGroup:
     @property
     def num_tokens(self) -> int:
         return self.tokens.stop - self.tokens.start
+
+    @property
+    def live(self) -> list[tuple[int, int, int]]:
+        """(member, first token, end token) of each member with tokens, within ``tokens``."""
+        out, lo = [], 0
+        for j, c in enumerate(self.counts):
+            if c:
+                out.append((j, lo, lo + c))
+            lo += c
+        return out
 
     def dense_mask(self) -> Tensor:
         """[num_tokens, num_adapters * rank]: True where the row is another adapter's."""

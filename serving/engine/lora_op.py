@@ -1,24 +1,20 @@
 """Heterogeneous batched LoRA: one pass adds the deltas of many adapters of mixed ranks.
 
 Tokens of k adapters (and bare tokens, slot -1) share one forward, as in S-LoRA / Punica SGMV.
-Weights of the step's adapters are packed without padding (A rows, then B columns, slot after
-slot), never padded to the largest rank. Two paths, picked on the host per step and module:
+Weights are packed without padding (A rows, then B columns, slot after slot; lora_slots.py keeps
+them in persistent rank bins), never padded to the largest rank. Tokens are sorted by (rank,
+slot) once per step (lora_meta.py), so each distinct rank is a group of adapters whose rows are
+one view. Per module and step, on the host, with no device sync:
 
-- grouped (the general one): tokens sorted by (rank, slot) once per step (lora_meta.py); per
-  distinct rank, one ``grouped_mm`` shrinks each adapter's token segment by its own A and one
-  expands by its own B. Each adapter's weights are read once and FLOPs are exact. The only
-  Python loop is over distinct ranks in the batch (a handful: 64/32/16/8...).
-- dense: h = x @ A_cat^T over all packed rows, zero the rows of other slots, y += h @ B_cat^T.
-  Costs T * sum_r instead of sum_t r_t MACs but is two plain GEMMs with no gather or scatter.
-  Rule (lora_meta.py, host-side per step and ranks tuple): dense when sum_r <= 32 or
-  T * sum_r <= 1.25 * sum_t r_t, i.e. in practice one adapter in the module, or a tiny total.
-  Also the fallback where grouped_mm cannot run (dtypes other than fp32/fp16/bf16, rows not
-  16-byte aligned, CUDA before sm80).
-
-Slots numbered in rank order (e.g. active adapters sorted by rank) make each rank group a view
-of the packed weights; any other numbering is correct but gathers that group's weights per call.
-On CUDA, grouped_mm runs a grouped kernel for bf16 on sm90+; elsewhere torch falls back to a loop
-of GEMMs in C++ (one host sync per call). A Triton SGMV kernel is the later step.
+- whole-plan dense: h = x @ A_span^T over the rows of all live slots, zero the rows of other
+  slots, y += h @ B_span^T. Two plain GEMMs, no gather or scatter; taken when the rows are few
+  (sum_r <= 32) or nearly all used (T * sum_r <= 1.25 * sum_t r_t: in practice one adapter).
+- otherwise per rank group (the only Python loop is over distinct ranks, plus over adapters in
+  ``loop``), by cost (``_group_path``): ``grouped_mm`` where it is one native kernel (CUDA bf16,
+  sm90+); ``dense`` (the same masked pair over the group's rows) where each adapter has a token
+  or two and a GEMM per adapter would be launch overhead; ``loop``, a GEMM pair per adapter with
+  tokens on views of its rows, for long segments. On CPU torch's grouped_mm is itself a loop of
+  GEMMs over every slot (idle ones too), so it is never the cheaper choice there.
 """
 
 from __future__ import annotations
@@ -106,6 +102,8 @@ def pack_lora_weights(per_adapter: Sequence[tuple[Tensor, Tensor, Tensor | None]
 # What one extra GEMM launch costs, in multiply-adds of useful work (CPU, one thread: ~5 us of
 # dispatch at ~30 GMAC/s). Only the ratio between the two costs matters.
 LAUNCH_MACS = 150_000
+# Tests set this to run the grouped_mm path (the CUDA one) on CPU too.
+FORCE_GROUPED_MM = False
 
 
 @functools.cache
@@ -127,19 +125,23 @@ def _grouped_ok(x: Tensor, w: LoraWeights) -> bool:
     return x.device.type != "cuda" or _cuda_grouped_ok(x.device)
 
 
-def _group_dense_better(x: Tensor, w: LoraWeights, g: RankGroup) -> bool:
-    """Whether one masked GEMM pair over all of a group's rows beats a GEMM pair per adapter.
+def _group_path(x: Tensor, w: LoraWeights, g: RankGroup) -> str:
+    """How one rank group is applied: ``grouped_mm``, ``dense`` or ``loop``.
 
-    The per-adapter GEMMs are tiny in decode (a token or two each), so their cost is launch
-    overhead; the dense pair multiplies every token by every adapter of the group and zeroes
-    the foreign rows. A native grouped kernel (CUDA bf16, sm90+) has no per-adapter launch.
+    Where grouped_mm has a native kernel (CUDA bf16, sm90+) it is one launch for the group,
+    idle slots included. Elsewhere torch runs it as a GEMM per slot (idle ones too), so it
+    loses to the two alternatives, chosen by cost: ``dense`` multiplies every token of the group
+    by every slot's rows and zeroes the foreign ones (two GEMMs; wins in decode, a token or two
+    per adapter, where per-adapter GEMMs are all launch overhead); ``loop`` runs a GEMM pair
+    per adapter with tokens, on views of its rows (wins for long prefill segments).
     """
-    if x.is_cuda and x.dtype == torch.bfloat16 and _cuda_native_grouped(x.device):
-        return False
+    native = x.is_cuda and x.dtype == torch.bfloat16 and _cuda_native_grouped(x.device)
+    if (FORCE_GROUPED_MM or native) and _grouped_ok(x, w):
+        return "grouped_mm"
     d = w.d_in + w.d_out
     dense = g.num_tokens * g.num_adapters * g.rank * d
-    grouped = g.num_tokens * g.rank * d + 2 * g.num_adapters * LAUNCH_MACS
-    return dense <= grouped
+    loop = g.num_tokens * g.rank * d + 2 * len(g.live) * LAUNCH_MACS
+    return "dense" if dense <= loop else "loop"
 
 
 def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
@@ -150,16 +152,25 @@ def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
             a, b = w.A[g.rows], bt[g.rows]
         else:
             a, b = w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
-        if g.num_adapters > 1 and _group_dense_better(x, w, g):
-            h = xs[g.tokens] @ a.T  # [n, adapters * r]
+        xg, r = xs[g.tokens], g.rank
+        live = g.live
+        path = "one" if len(live) == 1 else _group_path(x, w, g)
+        if path == "one":  # one adapter with tokens: two plain GEMMs on its rows
+            j = live[0][0]
+            out = (xg @ a[j * r:(j + 1) * r].T) @ b[j * r:(j + 1) * r]
+        elif path == "dense":
+            h = xg @ a.T  # [n, slots * r]
             h.masked_fill_(g.dense_mask(), 0)
             out = h @ b
-        elif g.num_adapters == 1:  # one adapter: two plain GEMMs, no grouped launch
-            out = (xs[g.tokens] @ a.T) @ b
+        elif path == "loop":
+            out = xg.new_empty(g.num_tokens, w.d_out)
+            for j, lo, hi in live:
+                torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r],
+                         out=out[lo:hi])
         else:
-            a = a.view(g.num_adapters, g.rank, w.d_in).transpose(1, 2)
-            b = b.view(g.num_adapters, g.rank, w.d_out)
-            h = F.grouped_mm(xs[g.tokens], a, offs=g.offs)  # [n, r]
+            a = a.view(g.num_adapters, r, w.d_in).transpose(1, 2)
+            b = b.view(g.num_adapters, r, w.d_out)
+            h = F.grouped_mm(xg, a, offs=g.offs)  # [n, r]
             out = F.grouped_mm(h, b, offs=g.offs)  # [n, d_out]
         if plan.identity:
             y[g.tokens] += out
@@ -182,7 +193,7 @@ def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Ten
     """
     plan = meta.plan(w.ranks, w.skip)
     if plan.num_active:
-        if plan.dense or not _grouped_ok(x, w):
+        if plan.dense:
             _dense(y, x, w, meta, plan)
         else:
             _grouped(y, x, w, plan)
