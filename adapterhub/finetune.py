@@ -9,15 +9,22 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from adapterhub.data import Record, read_jsonl
 from adapterhub.errors import AdapterHubError, DatasetError
 from adapterhub.train.config import TrainConfig
 
 EXPERIMENT = "finetune"
+# Where a job trains: "co_serve" inside a serving engine's iterations, "dedicated" on its own
+# copy of the base model, "auto" lets the job service choose (co-serving while it can).
+PLACEMENTS = ("auto", "co_serve", "dedicated")
+# Fields that say where and how a job runs, not what it trains: a job resumed under another
+# placement is the same job.
+_RUN_FIELDS = ("placement", "serve_checkpoints_as")
 
 
 @dataclass
@@ -34,6 +41,9 @@ class FinetuneJob:
     device: str = "cpu"
     aliases: list[str] = field(default_factory=list)
     eval_base: bool = True
+    placement: str = "auto"
+    # Co-served jobs only: serve each checkpoint under this adapter name while training.
+    serve_checkpoints_as: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,6 +55,51 @@ class FinetuneJob:
         d = dict(d)
         d["train"] = TrainConfig.from_dict(d.get("train", {}))
         return cls(**d)
+
+
+def same_job(saved: dict | None, job: FinetuneJob) -> bool:
+    """Whether a job dict saved earlier (maybe by an older version) trains what ``job`` does."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        old = FinetuneJob.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return False
+    new = job.to_dict()
+    for key in _RUN_FIELDS:
+        old.pop(key, None)
+        new.pop(key, None)
+    return old == new
+
+
+class FinetuneBackend(Protocol):
+    """Where a job's training runs. The default trains on its own copy of the base model;
+    a serving engine trains inside its iterations over its resident weights. The data
+    order, seed and hyper-parameters, and so the adapter, are the same either way."""
+
+    def load_base(self, job: FinetuneJob, base_dir: Path) -> tuple[Any, Any]:
+        """(model, tokenizer) to inject the job's adapter into."""
+
+    def make_trainer(self, adapter: Any, tokenizer: Any, train_records: Sequence[Record],
+                     config: TrainConfig, eval_records: Sequence[Record], output_dir: Path,
+                     log: Callable[[dict[str, float], int], None], progress: bool) -> Any:
+        """An object with Trainer's ``resume()``, ``train()``, ``step`` and ``history``."""
+
+
+class LocalTraining:
+    """The default backend: load the base model and train with adapterhub's Trainer."""
+
+    def load_base(self, job: FinetuneJob, base_dir: Path) -> tuple[Any, Any]:
+        from adapterhub.checkpoints import load_base
+
+        return load_base(base_dir, quantize=job.quantize, device=job.device)
+
+    def make_trainer(self, adapter, tokenizer, train_records, config, eval_records,
+                     output_dir, log, progress):
+        from adapterhub.train import Trainer
+
+        return Trainer(adapter, tokenizer, train_records, config, eval_records=eval_records,
+                       output_dir=output_dir, log=log, progress=progress)
 
 
 @dataclass
@@ -98,17 +153,21 @@ def run_finetune(
     progress: bool = True,
     resume: bool = True,
     on_step: Callable[[dict[str, float], int], None] | None = None,
+    backend: FinetuneBackend | None = None,
 ) -> FinetuneResult:
     """Train, evaluate, log and register one adapter; resumes an interrupted job of that name.
 
     ``on_step(metrics, step)`` sees every logged metric set (a job service streams them and
-    may raise from it to cancel the job).
+    may raise from it to cancel the job). ``backend`` says where training runs (default:
+    here, on a freshly loaded base model).
     """
+    import torch
+
     from adapterhub import settings
-    from adapterhub.checkpoints import load_base, read_base_config
+    from adapterhub.checkpoints import read_base_config
     from adapterhub.methods import create_adapter, make_config
     from adapterhub.registry import Registry, validate_name
-    from adapterhub.train import Trainer, evaluate
+    from adapterhub.train import evaluate
 
     validate_name(job.name)
     data_dir = settings.data_dir(data_dir)
@@ -122,12 +181,13 @@ def run_finetune(
     state_file = out / "job.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     resuming = bool(resume and previous and previous.get("status") == "running"
-                    and previous.get("job") == job.to_dict())
+                    and same_job(previous.get("job"), job))
     if not resuming and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_base(base_dir, quantize=job.quantize, device=job.device)
+    backend = backend or LocalTraining()
+    model, tokenizer = backend.load_base(job, base_dir)
     eval_set = eval_records[: job.train.eval_limit]
     base_metrics: dict[str, float] = {}
     params = {
@@ -147,15 +207,18 @@ def run_finetune(
             base_metrics = evaluate(model, tokenizer, eval_set, job.train.max_length,
                                     job.train.max_new_tokens)
             run.log_metrics({f"base_{k}": v for k, v in base_metrics.items()})
-        adapter = create_adapter(model, method_config)
+        # Seeded, so the same job gives the same adapter wherever (and however often) it runs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.train.seed)
+            adapter = create_adapter(model, method_config)
         run.log_metrics({"trainable_params": adapter.num_trainable_parameters()})
         def log(metrics: dict[str, float], step: int) -> None:
             run.log_metrics(metrics, step)
             if on_step is not None:
                 on_step(metrics, step)
 
-        trainer = Trainer(adapter, tokenizer, train_records, job.train, eval_records=eval_set,
-                          output_dir=out, log=log, progress=progress)
+        trainer = backend.make_trainer(adapter, tokenizer, train_records, job.train, eval_set,
+                                       out, log, progress)
         if resuming:
             trainer.resume()
         t0 = time.perf_counter()
@@ -187,4 +250,5 @@ def run_finetune(
                           {**metrics, **summary}, base_metrics)
 
 
-__all__ = ["AdapterHubError", "FinetuneJob", "FinetuneResult", "run_finetune"]
+__all__ = ["AdapterHubError", "FinetuneBackend", "FinetuneJob", "FinetuneResult",
+           "LocalTraining", "run_finetune", "same_job"]

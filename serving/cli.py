@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-path-refs", action="store_true",
                    help="let inference requests name local adapter directories")
     p.add_argument("--no-finetune", action="store_true", help="serve without the job manager")
+    from serving.engine.coserve.options import add_arguments as add_coserve_arguments
+
+    add_coserve_arguments(p)  # --coserve and its latency targets
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _job_manager(args: Any, data_dir: Any, registry: Any, backend: Any, model: str,
-                 exposed: bool) -> Any:
+                 exposed: bool, coserving: Any = None) -> Any:
     if args.no_finetune:
         return None
     try:
@@ -69,7 +72,7 @@ def _job_manager(args: Any, data_dir: Any, registry: Any, backend: Any, model: s
     roots = args.dataset_root or ([data_dir / "datasets"] if exposed else None)
     return JobManager(data_dir / "jobs.db", data_dir, registry=registry,
                       on_succeeded=serve_finished(backend), base_model=model,
-                      allowed_dataset_roots=roots)
+                      allowed_dataset_roots=roots, coserving=coserving)
 
 
 def serve_finished(backend: Any) -> Any:
@@ -112,6 +115,7 @@ def build(args: Any, config: Any) -> Any:
     from serving.api import Server
     from serving.api.backend import LocalBackend
     from serving.engine.config import EngineConfig
+    from serving.engine.coserve.options import attach as attach_coserve
     from serving.engine.engine import Engine
     from serving.engine.loop import EngineLoop
 
@@ -121,11 +125,12 @@ def build(args: Any, config: Any) -> Any:
         model=config.base_model, device=args.device, dtype=getattr(torch, args.dtype),
         pool_bytes=args.pool_mb * 2**20, max_queue=args.max_queue,
         max_batched_tokens=args.max_batched_tokens), resolver=registry.resolve)
+    coserving = None if args.no_finetune else attach_coserve(engine, args)
     loop = EngineLoop(engine)
     try:
         backend = LocalBackend(loop, registry, args.allow_path_refs)
         jobs = _job_manager(args, data_dir, registry, backend, config.base_model,
-                            bool(config.api_keys))
+                            bool(config.api_keys), coserving)
         return Server(loop, jobs, registry, config, backend=backend)
     except BaseException:
         loop.shutdown()

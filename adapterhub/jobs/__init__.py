@@ -8,6 +8,7 @@ from adapterhub.jobs.errors import (
     DatasetNotAllowedError,
     JobFinalError,
     JobNotFoundError,
+    PlacementUnavailableError,
     StoreInUseError,
 )
 from adapterhub.jobs.manager import JobManager
@@ -22,5 +23,6 @@ __all__ = [
     "JobNotFoundError",
     "JobState",
     "JobStore",
+    "PlacementUnavailableError",
     "StoreInUseError",
 ]

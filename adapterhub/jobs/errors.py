@@ -22,3 +22,7 @@ class DatasetNotAllowedError(DatasetError):
 
 class StoreInUseError(RuntimeError):
     """Another JobManager already runs the same job store."""
+
+
+class PlacementUnavailableError(RuntimeError):
+    """The job asked to be co-served (or to serve its checkpoints) where that cannot be done."""

@@ -1,8 +1,10 @@
-"""JobManager: validates and queues fine-tune jobs, runs them one at a time, survives restarts.
+"""JobManager: validates and queues fine-tune jobs, runs them in order, survives restarts.
 
-Jobs run in submission order on one worker thread. Everything a job needs to run again (its
-spec, inline data, checkpoints, MLflow run) is on disk before it is reported, so a process
-that dies mid-job resumes it on the next ``start()``.
+Jobs start in submission order on one worker thread. A dedicated job runs on that thread;
+a co-served one (see placement.py) trains inside the serving engine and is followed by a
+thread of its own, so several share the engine while the worker goes on. Everything a job
+needs to run again (its spec, inline data, checkpoints, MLflow run) is on disk before it is
+reported, so a process that dies mid-job resumes it on the next ``start()``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from adapterhub.jobs.dataset import MAX_INLINE_RECORDS, InlineRecords, check_dat
 from adapterhub.jobs.errors import JobFinalError
 from adapterhub.jobs.lock import StoreLock
 from adapterhub.jobs.models import Job, JobState
+from adapterhub.jobs.placement import CO_SERVE, DEDICATED, Coserving, resolve_placement
+from adapterhub.jobs.progress import JobCancelled, JobPreempted
 from adapterhub.jobs.runner import JobRunner
 from adapterhub.jobs.store import JobStore, new_job_id
 from adapterhub.jobs.validation import check_spec
@@ -49,6 +53,8 @@ class JobManager:
         *,
         max_inline_records: int = MAX_INLINE_RECORDS,
         progress_interval: float = 0.2,
+        coserving: Coserving | None = None,
+        max_coserved: int = 4,
     ) -> None:
         self.data_dir = settings.data_dir(data_dir)
         self.store = JobStore(store_path)
@@ -64,6 +70,10 @@ class JobManager:
         self._cancel_ids: set[str] = set()
         self._cancel_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.coserving = coserving  # None: every job runs on the dedicated worker
+        self.max_coserved = max_coserved
+        self._coserved: dict[str, threading.Thread] = {}  # job id -> its thread
+        self._names: dict[str, str] = {}  # job id -> output name, of co-served jobs
         self._runner = JobRunner(
             self.store, self.data_dir, registry, progress_interval,
             cancelled=self._is_cancel_requested, stopping=self._stopping.is_set,
@@ -81,18 +91,20 @@ class JobManager:
         """Validate ``spec`` and its data, then queue it; nothing is queued if a check fails.
 
         Raises ValueError or an AdapterHubError subclass (DatasetError, RegistryError,
-        CheckpointError; DatasetNotAllowedError for a path outside the allowed roots).
+        CheckpointError; DatasetNotAllowedError for a path outside the allowed roots), or
+        PlacementUnavailableError for a job that must be co-served where it cannot be.
         """
         if isinstance(spec, FinetuneJob) and spec.base is None and self.base_model is not None:
             spec = replace(spec, base=self.base_model)
         spec = check_spec(spec)
+        placement = resolve_placement(spec, self.coserving)
         plan = check_dataset(spec, train_records, eval_records, self.allowed_dataset_roots,
                              self.max_inline_records)
         job_id = new_job_id()
         data_dir = self.data_dir / "jobs-data" / job_id
         try:
             spec = materialize(plan, spec, data_dir)
-            job = self.store.insert(spec, job_id)
+            job = self.store.insert(spec, job_id, placement=placement)
         except BaseException:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
@@ -230,13 +242,13 @@ class JobManager:
                 if self._stopping.is_set():
                     return
                 log.info("resuming job %s left running by a previous process", job.id)
-                self._execute(job, resume=True)
+                self._dispatch(job, resume=True)
             while not self._stopping.is_set():
                 with self._wake:
                     self._kicked = False
                 job = self.store.claim_next()
                 if job is not None:
-                    self._execute(job, resume=False)
+                    self._dispatch(job, resume=False)
                     continue
                 with self._wake:
                     if not self._kicked and not self._stopping.is_set():
@@ -246,16 +258,56 @@ class JobManager:
             # start() picks them up again; a thread has nobody to re-raise to.
             log.exception("job worker stopped unexpectedly")
         finally:
+            for thread in list(self._coserved.values()):
+                thread.join()  # they end at their job's next step once stopping is set
             self._lock.release()
 
     def _succeeded(self, job: Job) -> None:
         if self.on_succeeded is not None:  # looked up late: callers may set it after __init__
             self.on_succeeded(job)
 
+    def _interrupt(self, job_id: str) -> BaseException | None:
+        if self._is_cancel_requested(job_id):
+            return JobCancelled()
+        return JobPreempted() if self._stopping.is_set() else None
+
+    def _dispatch(self, job: Job, resume: bool) -> None:
+        """Run a dedicated job here; start a co-served one on its own thread."""
+        placement = job.placement or DEDICATED
+        if placement == CO_SERVE and (self.coserving is None
+                                      or self.coserving.unavailable(job.spec) is not None):
+            # Restarted without co-serving: same data order and seed, so the same result.
+            log.info("job %s was co-served; it continues on the dedicated worker", job.id)
+            placement = DEDICATED
+        if placement != job.placement:
+            job = self.store.update(job.id, placement=placement) or job
+        if placement == DEDICATED:
+            self._execute(job, resume)
+            return
+        while not self._stopping.is_set():
+            self._coserved = {k: t for k, t in self._coserved.items() if t.is_alive()}
+            # Two jobs with one output name would share a checkpoint directory.
+            same = [t for k, t in self._coserved.items() if self._names.get(k) == job.spec.name]
+            if len(self._coserved) < self.max_coserved and not same:
+                break
+            (same or list(self._coserved.values()))[0].join(0.5)
+        else:
+            return  # stopping: the job stays running and resumes on the next start
+        thread = threading.Thread(target=self._execute, args=(job, resume),
+                                  name=f"adapterhub-coserve-{job.id}", daemon=True)
+        self._coserved[job.id] = thread
+        self._names[job.id] = job.spec.name
+        thread.start()
+
     def _execute(self, job: Job, resume: bool) -> None:
         if job.cancel_requested or self._is_cancel_requested(job.id):
             self.store.update(job.id, state=JobState.CANCELLED)
         else:
-            self._runner.run(job, resume=resume)  # calls on_succeeded before publishing
+            backend = None
+            if job.placement == CO_SERVE and self.coserving is not None:
+                backend = self.coserving.backend(job.spec, lambda: self._interrupt(job.id))
+            # Calls on_succeeded before publishing.
+            self._runner.run(job, resume=resume, backend=backend)
+        self._names.pop(job.id, None)
         with self._cancel_lock:
             self._cancel_ids.discard(job.id)

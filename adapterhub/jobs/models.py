@@ -38,6 +38,7 @@ class Job:
     error: str | None = None
     run_id: str | None = None
     adapter_ref: str | None = None  # "name/version" once succeeded
+    placement: str | None = None  # where it trains: "co_serve" or "dedicated"
     metrics: dict[str, float] = field(default_factory=dict)
     cancel_requested: bool = False
     created_at: float = 0.0
@@ -61,6 +62,7 @@ class Job:
             "error": self.error,
             "run_id": self.run_id,
             "adapter_ref": self.adapter_ref,
+            "placement": self.placement,
             "metrics": dict(self.metrics),
             "cancel_requested": self.cancel_requested,
             "created_at": self.created_at,

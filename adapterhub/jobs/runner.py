@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterHubError
-from adapterhub.finetune import run_finetune
+from adapterhub.finetune import run_finetune, same_job
 from adapterhub.jobs.models import Job, JobState
 from adapterhub.jobs.progress import JobCancelled, JobPreempted, ProgressRecorder
 from adapterhub.jobs.store import JobStore
@@ -34,7 +35,7 @@ def one_line(exc: BaseException) -> str:
 
 
 class JobRunner:
-    """Executes jobs for a manager's worker; one instance, used by one thread at a time."""
+    """Executes jobs for a manager: its worker and the threads of co-served jobs."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class JobRunner:
         self.store = store
         self.data_dir = data_dir
         self._registry = registry
+        self._registry_lock = threading.Lock()
         self.progress_interval = progress_interval
         self._cancelled = cancelled
         self._stopping = stopping
@@ -57,18 +59,20 @@ class JobRunner:
     @property
     def registry(self) -> Any:
         # Created on first use: importing MLflow takes seconds and only the worker needs it.
-        if self._registry is None:
-            from adapterhub.registry import Registry
+        with self._registry_lock:  # co-served jobs' threads may ask at the same time
+            if self._registry is None:
+                from adapterhub.registry import Registry
 
-            self._registry = Registry(self.data_dir)
-        return self._registry
+                self._registry = Registry(self.data_dir)
+            return self._registry
 
-    def run(self, job: Job, resume: bool) -> Job:
+    def run(self, job: Job, resume: bool, backend: Any = None) -> Job:
         """Run ``job`` (already marked running) to a final state, or leave it running if the
         manager stops; never raises for the job's own failures.
 
         ``resume`` is set only for jobs found running at start-up: a fresh job must not pick
         up checkpoints or the MLflow run of an earlier job that had the same name and spec.
+        ``backend`` is where it trains (None: a dedicated copy of the base model, here).
         """
         state_file = finetune_state_file(self.data_dir, job.spec.name)
         if resume:
@@ -81,7 +85,8 @@ class JobRunner:
         )
         try:
             result = run_finetune(job.spec, self.data_dir, registry=self.registry,
-                                  progress=False, resume=resume, on_step=recorder)
+                                  progress=False, resume=resume, on_step=recorder,
+                                  backend=backend)
         except JobCancelled:
             self._mark_killed(recorder.run_id)
             log.info("job %s cancelled at step %s", job.id, recorder.job.step)
@@ -114,7 +119,7 @@ class JobRunner:
         except (OSError, ValueError):
             return None
         if not (state.get("status") == "finished" and job.run_id
-                and state.get("run_id") == job.run_id and state.get("job") == job.spec.to_dict()):
+                and state.get("run_id") == job.run_id and same_job(state.get("job"), job.spec)):
             return None
         log.info("job %s had already finished as version %s; recording it", job.id,
                  state.get("version"))

@@ -20,7 +20,7 @@ from adapterhub.finetune import FinetuneJob
 from adapterhub.jobs.errors import JobNotFoundError
 from adapterhub.jobs.models import Job, JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,15 +39,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 1
+    revision INTEGER NOT NULL DEFAULT 1,
+    placement TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 """
 
+# Changes from schema version N-1 to N, applied in order to older stores.
+_MIGRATIONS = {
+    2: "ALTER TABLE jobs ADD COLUMN placement TEXT",  # where the job trains
+}
+
 # Columns a caller may change; id, spec, created_at and revision are the store's own.
 UPDATABLE = frozenset({
     "state", "step", "total_steps", "loss", "tokens_per_s", "error", "run_id",
-    "adapter_ref", "metrics", "cancel_requested",
+    "adapter_ref", "metrics", "cancel_requested", "placement",
 })
 
 
@@ -75,8 +81,26 @@ class JobStore:
                     f"job store {self.path} has schema version {version}; this AdapterHub "
                     f"reads up to {SCHEMA_VERSION}"
                 )
-            self._conn.executescript(_SCHEMA)
+            if version < SCHEMA_VERSION:
+                self._upgrade()
+
+    def _upgrade(self) -> None:
+        # One write transaction, so two processes opening an old store migrate it once.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            has_table = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+            if has_table:
+                for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    self._conn.execute(_MIGRATIONS[target])
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._conn.execute(statement)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -84,16 +108,17 @@ class JobStore:
 
     # ---- writing ----------------------------------------------------------------------
 
-    def insert(self, spec: FinetuneJob, job_id: str | None = None) -> Job:
+    def insert(self, spec: FinetuneJob, job_id: str | None = None,
+               placement: str | None = None) -> Job:
         """Persist a new queued job (in submission order) and return it."""
         now = time.time()
         job_id = job_id or new_job_id()
         with self._changed:
             self._conn.execute(
-                "INSERT INTO jobs (id, spec, state, total_steps, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, spec, state, total_steps, created_at, updated_at,"
+                " placement) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, json.dumps(spec.to_dict()), JobState.QUEUED.value, spec.train.steps,
-                 now, now),
+                 now, now, placement),
             )
             job = self._get(job_id)
             self._changed.notify_all()
@@ -190,7 +215,7 @@ class JobStore:
 
 _COLUMNS = ("seq", "id", "spec", "state", "step", "total_steps", "loss", "tokens_per_s",
             "error", "run_id", "adapter_ref", "metrics", "cancel_requested", "created_at",
-            "updated_at", "revision")
+            "updated_at", "revision", "placement")
 _SELECT = ", ".join(_COLUMNS)
 
 
@@ -225,4 +250,5 @@ def _from_row(row: tuple) -> Job:
         created_at=d["created_at"],
         updated_at=d["updated_at"],
         revision=d["revision"],
+        placement=d["placement"],
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from adapterhub.errors import CheckpointError
-from adapterhub.finetune import FinetuneJob, base_path
+from adapterhub.finetune import PLACEMENTS, FinetuneJob, base_path
 from adapterhub.train.config import TrainConfig
 
 
@@ -40,6 +40,14 @@ def check_spec(spec: FinetuneJob) -> FinetuneJob:
         )
     if not isinstance(spec.device, str) or not spec.device:
         raise ValueError("device must be a non-empty string such as 'cpu' or 'cuda'")
+    if spec.placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                         f"got {spec.placement!r}")
+    serve_as = spec.serve_checkpoints_as
+    if serve_as is not None and serve_as != f"{spec.name}@latest":
+        if not isinstance(serve_as, str):
+            raise ValueError("serve_checkpoints_as must be an adapter name")
+        validate_name(serve_as)
     if spec.base is not None:
         # Absolute, so the job does not depend on the worker's working directory.
         spec = replace(spec, base=str(base_path(spec).resolve()))

@@ -59,16 +59,21 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict) -> 
 
 def save_checkpoint(
     output_dir: Path, step: int, model, optimizer: torch.optim.Optimizer, extra: dict,
-    keep: int = 2,
+    keep: int = 2, rng_state: torch.Tensor | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically enough for resume and prune old ones."""
+    """Write checkpoint ``step`` atomically enough for resume and prune old ones.
+
+    ``rng_state`` is the CPU generator state to resume from (default: torch's global one;
+    a job co-served inside the engine keeps its own).
+    """
     path = checkpoint_dir(output_dir, step)
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     model.save(path / ADAPTER_DIR)
     optim_meta = save_optimizer(optimizer, path / OPTIM_FILE)
-    save_file({"cpu": torch.get_rng_state()}, str(path / "rng.safetensors"))
+    rng = torch.get_rng_state() if rng_state is None else rng_state
+    save_file({"cpu": rng}, str(path / "rng.safetensors"))
     state = {"step": step, "optimizer": optim_meta, **extra}
     (path / STATE_FILE).write_text(json.dumps(state, indent=1))
     old = sorted(p for p in (output_dir / "checkpoints").glob("step-*") if p != path)
@@ -86,5 +91,10 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+def read_rng(path: Path) -> torch.Tensor:
+    """The CPU generator state a checkpoint saved."""
+    return load_file(str(path / "rng.safetensors"))["cpu"]
+
+
 def restore_rng(path: Path) -> None:
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+    torch.set_rng_state(read_rng(path))

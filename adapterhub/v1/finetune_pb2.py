@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterhub/v1/finetune.proto\x12\radapterhub.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x06Record\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"\xbe\x01\n\x07\x44\x61taset\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x07records\x18\x03 \x01(\x0b\x32\x1c.adapterhub.v1.InlineRecordsH\x00\x12\x13\n\teval_path\x18\x04 \x01(\tH\x01\x12\x34\n\x0c\x65val_records\x18\x05 \x01(\x0b\x32\x1c.adapterhub.v1.InlineRecordsH\x01\x42\x08\n\x06sourceB\r\n\x0b\x65val_source\"7\n\rInlineRecords\x12&\n\x07records\x18\x01 \x03(\x0b\x32\x15.adapterhub.v1.Record\"\xa3\x01\n\x0eTrainingParams\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\ngrad_accum\x18\x03 \x01(\r\x12\n\n\x02lr\x18\x04 \x01(\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\r\x12\x12\n\neval_every\x18\x08 \x01(\r\"\xf7\x01\n\x0f\x46ineTuneJobSpec\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12.\n\rmethod_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x16.adapterhub.v1.Dataset\x12/\n\x08training\x18\x05 \x01(\x0b\x32\x1d.adapterhub.v1.TrainingParams\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x10\n\x08quantize\x18\x07 \x01(\t\x12\x0f\n\x07\x61liases\x18\x08 \x03(\t\"\x83\x03\n\x0b\x46ineTuneJob\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.adapterhub.v1.FineTuneJobSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.adapterhub.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x15\n\rmlflow_run_id\x18\t \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_ref\x18\n \x01(\t\x12\x38\n\x07metrics\x18\x0b \x03(\x0b\x32\'.adapterhub.v1.FineTuneJob.MetricsEntry\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nupdated_at\x18\r \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"@\n\x10SubmitJobRequest\x12,\n\x04spec\x18\x01 \x01(\x0b\x32\x1e.adapterhub.v1.FineTuneJobSpec\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x0fListJobsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.adapterhub.v1.JobState\"<\n\x10ListJobsResponse\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.adapterhub.v1.FineTuneJob\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xf0\x02\n\x0f\x46ineTuneService\x12\x45\n\x06Submit\x12\x1f.adapterhub.v1.SubmitJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12?\n\x03Get\x12\x1c.adapterhub.v1.GetJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12G\n\x04List\x12\x1e.adapterhub.v1.ListJobsRequest\x1a\x1f.adapterhub.v1.ListJobsResponse\x12\x45\n\x06\x43\x61ncel\x12\x1f.adapterhub.v1.CancelJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12\x45\n\x05Watch\x12\x1e.adapterhub.v1.WatchJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob0\x01\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterhub/v1/finetune.proto\x12\radapterhub.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x06Record\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"\xbe\x01\n\x07\x44\x61taset\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x07records\x18\x03 \x01(\x0b\x32\x1c.adapterhub.v1.InlineRecordsH\x00\x12\x13\n\teval_path\x18\x04 \x01(\tH\x01\x12\x34\n\x0c\x65val_records\x18\x05 \x01(\x0b\x32\x1c.adapterhub.v1.InlineRecordsH\x01\x42\x08\n\x06sourceB\r\n\x0b\x65val_source\"7\n\rInlineRecords\x12&\n\x07records\x18\x01 \x03(\x0b\x32\x15.adapterhub.v1.Record\"\xa3\x01\n\x0eTrainingParams\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\ngrad_accum\x18\x03 \x01(\r\x12\n\n\x02lr\x18\x04 \x01(\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\r\x12\x12\n\neval_every\x18\x08 \x01(\r\"\xc2\x02\n\x0f\x46ineTuneJobSpec\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12.\n\rmethod_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x16.adapterhub.v1.Dataset\x12/\n\x08training\x18\x05 \x01(\x0b\x32\x1d.adapterhub.v1.TrainingParams\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x10\n\x08quantize\x18\x07 \x01(\t\x12\x0f\n\x07\x61liases\x18\x08 \x03(\t\x12+\n\tplacement\x18\t \x01(\x0e\x32\x18.adapterhub.v1.Placement\x12\x1c\n\x14serve_checkpoints_as\x18\n \x01(\t\"\xb0\x03\n\x0b\x46ineTuneJob\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.adapterhub.v1.FineTuneJobSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.adapterhub.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x15\n\rmlflow_run_id\x18\t \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_ref\x18\n \x01(\t\x12\x38\n\x07metrics\x18\x0b \x03(\x0b\x32\'.adapterhub.v1.FineTuneJob.MetricsEntry\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nupdated_at\x18\r \x01(\x01\x12+\n\tplacement\x18\x0e \x01(\x0e\x32\x18.adapterhub.v1.Placement\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"@\n\x10SubmitJobRequest\x12,\n\x04spec\x18\x01 \x01(\x0b\x32\x1e.adapterhub.v1.FineTuneJobSpec\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x0fListJobsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.adapterhub.v1.JobState\"<\n\x10ListJobsResponse\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.adapterhub.v1.FineTuneJob\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*W\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x16\n\x12PLACEMENT_CO_SERVE\x10\x01\x12\x17\n\x13PLACEMENT_DEDICATED\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xf0\x02\n\x0f\x46ineTuneService\x12\x45\n\x06Submit\x12\x1f.adapterhub.v1.SubmitJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12?\n\x03Get\x12\x1c.adapterhub.v1.GetJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12G\n\x04List\x12\x1e.adapterhub.v1.ListJobsRequest\x1a\x1f.adapterhub.v1.ListJobsResponse\x12\x45\n\x06\x43\x61ncel\x12\x1f.adapterhub.v1.CancelJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob\x12\x45\n\x05Watch\x12\x1e.adapterhub.v1.WatchJobRequest\x1a\x1a.adapterhub.v1.FineTuneJob0\x01\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_FINETUNEJOB_METRICSENTRY']._loaded_options = None
   _globals['_FINETUNEJOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1460
-  _globals['_JOBSTATE']._serialized_end=1614
+  _globals['_PLACEMENT']._serialized_start=1579
+  _globals['_PLACEMENT']._serialized_end=1666
+  _globals['_JOBSTATE']._serialized_start=1669
+  _globals['_JOBSTATE']._serialized_end=1823
   _globals['_RECORD']._serialized_start=77
   _globals['_RECORD']._serialized_end=121
   _globals['_DATASET']._serialized_start=124
@@ -46,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGPARAMS']._serialized_start=374
   _globals['_TRAININGPARAMS']._serialized_end=537
   _globals['_FINETUNEJOBSPEC']._serialized_start=540
-  _globals['_FINETUNEJOBSPEC']._serialized_end=787
-  _globals['_FINETUNEJOB']._serialized_start=790
-  _globals['_FINETUNEJOB']._serialized_end=1177
-  _globals['_FINETUNEJOB_METRICSENTRY']._serialized_start=1131
-  _globals['_FINETUNEJOB_METRICSENTRY']._serialized_end=1177
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1179
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1243
-  _globals['_GETJOBREQUEST']._serialized_start=1245
-  _globals['_GETJOBREQUEST']._serialized_end=1272
-  _globals['_LISTJOBSREQUEST']._serialized_start=1274
-  _globals['_LISTJOBSREQUEST']._serialized_end=1332
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1334
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1394
-  _globals['_CANCELJOBREQUEST']._serialized_start=1396
-  _globals['_CANCELJOBREQUEST']._serialized_end=1426
-  _globals['_WATCHJOBREQUEST']._serialized_start=1428
-  _globals['_WATCHJOBREQUEST']._serialized_end=1457
-  _globals['_FINETUNESERVICE']._serialized_start=1617
-  _globals['_FINETUNESERVICE']._serialized_end=1985
+  _globals['_FINETUNEJOBSPEC']._serialized_end=862
+  _globals['_FINETUNEJOB']._serialized_start=865
+  _globals['_FINETUNEJOB']._serialized_end=1297
+  _globals['_FINETUNEJOB_METRICSENTRY']._serialized_start=1251
+  _globals['_FINETUNEJOB_METRICSENTRY']._serialized_end=1297
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1299
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1363
+  _globals['_GETJOBREQUEST']._serialized_start=1365
+  _globals['_GETJOBREQUEST']._serialized_end=1392
+  _globals['_LISTJOBSREQUEST']._serialized_start=1394
+  _globals['_LISTJOBSREQUEST']._serialized_end=1452
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1454
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1514
+  _globals['_CANCELJOBREQUEST']._serialized_start=1516
+  _globals['_CANCELJOBREQUEST']._serialized_end=1546
+  _globals['_WATCHJOBREQUEST']._serialized_start=1548
+  _globals['_WATCHJOBREQUEST']._serialized_end=1577
+  _globals['_FINETUNESERVICE']._serialized_start=1826
+  _globals['_FINETUNESERVICE']._serialized_end=2194
 # @@protoc_insertion_point(module_scope)

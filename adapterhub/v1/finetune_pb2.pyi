@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Placement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_UNSPECIFIED: _ClassVar[Placement]
+    PLACEMENT_CO_SERVE: _ClassVar[Placement]
+    PLACEMENT_DEDICATED: _ClassVar[Placement]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -16,6 +22,9 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+PLACEMENT_UNSPECIFIED: Placement
+PLACEMENT_CO_SERVE: Placement
+PLACEMENT_DEDICATED: Placement
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -72,7 +81,7 @@ class TrainingParams(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., lr: _Optional[float] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., eval_every: _Optional[int] = ...) -> None: ...
 
 class FineTuneJobSpec(_message.Message):
-    __slots__ = ("output_name", "method", "method_params", "dataset", "training", "base_model", "quantize", "aliases")
+    __slots__ = ("output_name", "method", "method_params", "dataset", "training", "base_model", "quantize", "aliases", "placement", "serve_checkpoints_as")
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +90,8 @@ class FineTuneJobSpec(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVE_CHECKPOINTS_AS_FIELD_NUMBER: _ClassVar[int]
     output_name: str
     method: str
     method_params: _struct_pb2.Struct
@@ -89,10 +100,12 @@ class FineTuneJobSpec(_message.Message):
     base_model: str
     quantize: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, output_name: _Optional[str] = ..., method: _Optional[str] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[_Union[Dataset, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., base_model: _Optional[str] = ..., quantize: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    placement: Placement
+    serve_checkpoints_as: str
+    def __init__(self, output_name: _Optional[str] = ..., method: _Optional[str] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[_Union[Dataset, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., base_model: _Optional[str] = ..., quantize: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., placement: _Optional[_Union[Placement, str]] = ..., serve_checkpoints_as: _Optional[str] = ...) -> None: ...
 
 class FineTuneJob(_message.Message):
-    __slots__ = ("id", "spec", "state", "step", "total_steps", "loss", "tokens_per_s", "error", "mlflow_run_id", "adapter_ref", "metrics", "created_at", "updated_at")
+    __slots__ = ("id", "spec", "state", "step", "total_steps", "loss", "tokens_per_s", "error", "mlflow_run_id", "adapter_ref", "metrics", "created_at", "updated_at", "placement")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +126,7 @@ class FineTuneJob(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: FineTuneJobSpec
     state: JobState
@@ -126,7 +140,8 @@ class FineTuneJob(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     created_at: float
     updated_at: float
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FineTuneJobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., error: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., adapter_ref: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    placement: Placement
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FineTuneJobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., error: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., adapter_ref: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., placement: _Optional[_Union[Placement, str]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

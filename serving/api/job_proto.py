@@ -27,6 +27,12 @@ STATES = {
     "cancelled": finetune_pb2.JOB_STATE_CANCELLED,
 }
 STATE_NAMES = {v: k for k, v in STATES.items()}
+PLACEMENTS = {
+    "auto": finetune_pb2.PLACEMENT_UNSPECIFIED,
+    "co_serve": finetune_pb2.PLACEMENT_CO_SERVE,
+    "dedicated": finetune_pb2.PLACEMENT_DEDICATED,
+}
+PLACEMENT_NAMES = {v: k for k, v in PLACEMENTS.items()}
 FINAL = {"succeeded", "failed", "cancelled"}
 # TrainingParams fields where 0 means "unset" (proto3 cannot tell them apart).
 TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "max_length", "seed",
@@ -101,13 +107,19 @@ def spec_from_proto(spec: finetune_pb2.FineTuneJobSpec, server_base: str | None 
     _base(spec.base_model, server_base)
     if spec.quantize not in ("", "nf4"):
         raise _invalid(f"quantize must be empty or 'nf4', got {spec.quantize!r}")
+    if spec.placement not in PLACEMENT_NAMES:
+        raise _invalid(f"unknown placement {spec.placement}")
+    serve_as = spec.serve_checkpoints_as or None
+    if serve_as is not None and serve_as != f"{name}@latest":
+        _checked(validate_name, serve_as)
     job = FinetuneJob(
         name=name, method=method, method_params=params,
         task=ds.task if source == "task" else None,
         train_file=ds.path if source == "path" else None,
         eval_file=ds.eval_path if eval_source == "eval_path" else None,
         train=train, quantize=spec.quantize or None,
-        aliases=[_checked(validate_alias, a) for a in spec.aliases])
+        aliases=[_checked(validate_alias, a) for a in spec.aliases],
+        placement=PLACEMENT_NAMES[spec.placement], serve_checkpoints_as=serve_as)
     return job, train_records, eval_records
 
 
@@ -115,7 +127,9 @@ def spec_to_proto(d: dict) -> finetune_pb2.FineTuneJobSpec:
     spec = finetune_pb2.FineTuneJobSpec(
         output_name=d.get("name", ""), method=d.get("method", ""),
         base_model=d.get("base") or "", quantize=d.get("quantize") or "",
-        aliases=list(d.get("aliases") or []))
+        aliases=list(d.get("aliases") or []),
+        placement=PLACEMENTS.get(d.get("placement") or "auto", 0),
+        serve_checkpoints_as=d.get("serve_checkpoints_as") or "")
     params = json.loads(json.dumps(d.get("method_params") or {}, default=str))
     spec.method_params.CopyFrom(_struct(params))
     if d.get("task"):
@@ -153,4 +167,5 @@ def job_to_proto(job: Any) -> finetune_pb2.FineTuneJob:
         tokens_per_s=_number(job.tokens_per_s), error=job.error or "",
         mlflow_run_id=job.run_id or "", adapter_ref=job.adapter_ref or "",
         metrics={k: _number(v) for k, v in (job.metrics or {}).items()},
-        created_at=_number(job.created_at), updated_at=_number(job.updated_at))
+        created_at=_number(job.created_at), updated_at=_number(job.updated_at),
+        placement=PLACEMENTS.get(getattr(job, "placement", None) or "auto", 0))

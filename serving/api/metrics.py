@@ -51,8 +51,8 @@ class EngineCollector(Collector):
         pages = GaugeMetricFamily("adapterhub_pool_pages", "Unified pool pages by kind",
                                   labels=["kind"])
         for kind, key in (("free", "free_pages"), ("kv", "kv_pages"),
-                          ("adapter", "adapter_pages")):
-            pages.add_metric([kind], pool[key])
+                          ("adapter", "adapter_pages"), ("activation", "activation_pages")):
+            pages.add_metric([kind], pool.get(key, 0))  # activation: co-served fine-tuning
         yield pages
         yield GaugeMetricFamily("adapterhub_pool_pages_total", "Pages in the pool",
                                 value=pool["total_pages"])

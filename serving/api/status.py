@@ -28,13 +28,18 @@ class ApiError(Exception):
         self.message = message
 
 
-def _job_errors() -> tuple[type, type, type]:
+def _job_errors() -> tuple[type, type, type, type]:
     # adapterhub.jobs is optional here (it may be absent); the fallbacks match nothing new.
     try:
-        from adapterhub.jobs.errors import DatasetNotAllowedError, JobFinalError, JobNotFoundError
+        from adapterhub.jobs.errors import (
+            DatasetNotAllowedError,
+            JobFinalError,
+            JobNotFoundError,
+            PlacementUnavailableError,
+        )
     except ImportError:
-        return _Never, _Never, _Never
-    return DatasetNotAllowedError, JobFinalError, JobNotFoundError
+        return _Never, _Never, _Never, _Never
+    return DatasetNotAllowedError, JobFinalError, JobNotFoundError, PlacementUnavailableError
 
 
 class _Never(Exception):
@@ -53,13 +58,13 @@ def registry_status(exc: RegistryError) -> grpc.StatusCode:
 
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status for a client-caused error, or None for a server fault."""
-    not_allowed, final, job_missing = _job_errors()
+    not_allowed, final, job_missing, placement = _job_errors()
     S = grpc.StatusCode
     if isinstance(exc, ApiError):
         return exc.code, exc.message
     if isinstance(exc, not_allowed):
         return S.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, final):
+    if isinstance(exc, (final, placement)):
         return S.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, (job_missing, AdapterNotFound)):
         return S.NOT_FOUND, str(exc)

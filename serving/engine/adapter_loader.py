@@ -49,9 +49,15 @@ def load_host_adapter(
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
     adapter = load_adapter(hf_skeleton(model), path)
+    return host_adapter_from_model(name, adapter, model.shape, dtype, str(path))
+
+
+def host_adapter_from_model(name: str, adapter, shape, dtype: torch.dtype = torch.float32,
+                            source: str = "") -> HostAdapter:
+    """The normalized low-rank form of a live AdapterModel (e.g. one being trained)."""
     weights = {
         module_key(key): (d.A.detach().cpu(), d.B.detach().cpu(),
                           None if d.bias is None else d.bias.detach().cpu())
         for key, d in adapter.lowrank().items()
     }
-    return build_host_adapter(name, weights, model.shape, dtype, adapter.config.method, str(path))
+    return build_host_adapter(name, weights, shape, dtype, adapter.config.method, source)

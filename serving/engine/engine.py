@@ -63,6 +63,8 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens = 0
+        # A coserve.CoServer: fine-tuning jobs trained inside step() (None = inference only).
+        self.coserve = None
 
     # -- adapters ---------------------------------------------------------------------
     def register_adapter(self, name: str, source: str | Path | HostAdapter) -> HostAdapter:
@@ -143,6 +145,8 @@ class Engine:
                 seq.generator.manual_seed(params.seed)
             self._pending += 1
             self._inbox.append(("add", seq))
+        if self.coserve is not None:
+            self.coserve.wake()  # a step idling on fine-tuning picks the request up at once
         return seq.request_id
 
     def check_capacity(self) -> None:
@@ -170,7 +174,8 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return bool(self._live or self._inbox)
+        return bool(self._live or self._inbox) or (
+            self.coserve is not None and self.coserve.has_work())
 
     def _drain(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -213,6 +218,17 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         outputs = self._drain() + self._expire()
         batch = self.scheduler.schedule()
+        if self.coserve is None:
+            return outputs + self._infer(batch)
+        # Inference first; fine-tuning slices get what its budget leaves (coserve/).
+        iteration = self.coserve.begin(batch)
+        try:
+            return outputs + self._infer(batch)
+        finally:
+            self.coserve.end(iteration)
+
+    def _infer(self, batch: Batch) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         if batch.empty:
             return outputs
         sample_seqs = self._sample_seqs(batch)
@@ -320,4 +336,5 @@ class Engine:
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "per_adapter": per_adapter,
+            "coserve": self.coserve.stats() if self.coserve is not None else None,
         }

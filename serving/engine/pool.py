@@ -3,7 +3,8 @@
 One preallocated tensor of equal pages. KV pages are viewed through layout.py's shape; an
 adapter's weights are laid out flat across as many pages as they need (any pages: no
 contiguity, no padding to a maximum rank, at most one partly filled page per adapter).
-Every page is free, KV or adapter; ``stats()`` reports the counts.
+Every page is free, KV, adapter or activation (reserved for the activations of a co-served
+fine-tuning slice while it runs, see engine/coserve/); ``stats()`` reports the counts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from serving.engine.layout import ModelShape
 
-KV, ADAPTER = "kv", "adapter"
+KV, ADAPTER, ACTIVATION = "kv", "adapter", "activation"
 
 
 class PoolExhausted(RuntimeError):
@@ -28,6 +29,7 @@ class PoolStats:
     kv_pages: int
     adapter_pages: int
     page_bytes: int
+    activation_pages: int = 0
 
 
 class UnifiedPool:
@@ -48,7 +50,7 @@ class UnifiedPool:
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._kind = [""] * num_pages
-        self._used = {KV: 0, ADAPTER: 0}
+        self._used = {KV: 0, ADAPTER: 0, ACTIVATION: 0}
 
     @property
     def num_free(self) -> int:
@@ -101,4 +103,5 @@ class UnifiedPool:
             kv_pages=self._used[KV],
             adapter_pages=self._used[ADAPTER],
             page_bytes=self.page_elems * self.storage.element_size(),
+            activation_pages=self._used[ACTIVATION],
         )
