@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from serving.engine.coserve.options import add_arguments as add_coserve_arguments
 
     add_coserve_arguments(p)  # --coserve and its latency targets
+    from serving.cluster.cli import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(p)  # --ray [ADDRESS] and the replica flags
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -108,6 +111,10 @@ def server_config(args: Any) -> Any:
 
 def build(args: Any, config: Any) -> Any:
     """Registry, engine, loop, job manager and the (not yet started) server."""
+    if getattr(args, "ray", None):
+        from serving.cluster.cli import build_server
+
+        return build_server(args, config)  # replicas on Ray instead of an embedded engine
     import torch
 
     from adapterhub import settings

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterhub/v1/adapters.proto\x12\radapterhub.v1\"\xa3\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08max_rank\x18\x04 \x01(\r\x12\x12\n\nhost_bytes\x18\x05 \x01(\x04\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.adapterhub.v1.Adapter\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse2\xba\x02\n\x0e\x41\x64\x61pterService\x12O\n\x04List\x12\".adapterhub.v1.ListAdaptersRequest\x1a#.adapterhub.v1.ListAdaptersResponse\x12?\n\x03Get\x12 .adapterhub.v1.GetAdapterRequest\x1a\x16.adapterhub.v1.Adapter\x12\x41\n\x04Load\x12!.adapterhub.v1.LoadAdapterRequest\x1a\x16.adapterhub.v1.Adapter\x12S\n\x06Unload\x12#.adapterhub.v1.UnloadAdapterRequest\x1a$.adapterhub.v1.UnloadAdapterResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterhub/v1/adapters.proto\x12\radapterhub.v1\"\xb5\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08max_rank\x18\x04 \x01(\r\x12\x12\n\nhost_bytes\x18\x05 \x01(\x04\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x10\n\x08replicas\x18\t \x03(\t\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.adapterhub.v1.Adapter\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse2\xba\x02\n\x0e\x41\x64\x61pterService\x12O\n\x04List\x12\".adapterhub.v1.ListAdaptersRequest\x1a#.adapterhub.v1.ListAdaptersResponse\x12?\n\x03Get\x12 .adapterhub.v1.GetAdapterRequest\x1a\x16.adapterhub.v1.Adapter\x12\x41\n\x04Load\x12!.adapterhub.v1.LoadAdapterRequest\x1a\x16.adapterhub.v1.Adapter\x12S\n\x06Unload\x12#.adapterhub.v1.UnloadAdapterRequest\x1a$.adapterhub.v1.UnloadAdapterResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_ADAPTER']._serialized_start=48
-  _globals['_ADAPTER']._serialized_end=211
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=213
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=234
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=236
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=300
-  _globals['_GETADAPTERREQUEST']._serialized_start=302
-  _globals['_GETADAPTERREQUEST']._serialized_end=335
-  _globals['_LOADADAPTERREQUEST']._serialized_start=337
-  _globals['_LOADADAPTERREQUEST']._serialized_end=387
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=389
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=425
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=427
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=450
-  _globals['_ADAPTERSERVICE']._serialized_start=453
-  _globals['_ADAPTERSERVICE']._serialized_end=767
+  _globals['_ADAPTER']._serialized_end=229
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=231
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=252
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=254
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=318
+  _globals['_GETADAPTERREQUEST']._serialized_start=320
+  _globals['_GETADAPTERREQUEST']._serialized_end=353
+  _globals['_LOADADAPTERREQUEST']._serialized_start=355
+  _globals['_LOADADAPTERREQUEST']._serialized_end=405
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=407
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=443
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=445
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=468
+  _globals['_ADAPTERSERVICE']._serialized_start=471
+  _globals['_ADAPTERSERVICE']._serialized_end=785
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "source", "method", "max_rank", "host_bytes", "resident", "running_requests", "waiting_requests")
+    __slots__ = ("name", "source", "method", "max_rank", "host_bytes", "resident", "running_requests", "waiting_requests", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Adapter(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     method: str
@@ -24,7 +25,8 @@ class Adapter(_message.Message):
     resident: bool
     running_requests: int
     waiting_requests: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., method: _Optional[str] = ..., max_rank: _Optional[int] = ..., host_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., method: _Optional[str] = ..., max_rank: _Optional[int] = ..., host_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()

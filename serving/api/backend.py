@@ -8,10 +8,10 @@ loop's submit lock, so a slow registry lookup or file read never stalls token de
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -36,6 +36,38 @@ class AdapterInfo:
     resident: bool
     running: int
     waiting: int
+    # Cluster mode: the replicas whose device pool holds it (empty in embedded mode).
+    replicas: list[str] = field(default_factory=list)
+
+
+class RequestLike(Protocol):
+    """What ``submit`` returns: an engine RequestHandle or a cluster request."""
+
+    request_id: str
+    final: Any
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    """The interface the servicers and the server use (LocalBackend, ClusterBackend)."""
+
+    def submit(self, prompt: str, params: SamplingParams, adapter: str | None,
+               deadline_s: float | None) -> RequestLike: ...
+
+    def load_adapter(self, name: str, source: str) -> AdapterInfo: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def get_adapter(self, name: str) -> AdapterInfo: ...
+
+    def list_adapters(self) -> list[AdapterInfo]: ...
+
+    def stats(self) -> dict: ...
+
+    def shutdown(self) -> None: ...
 
 
 def retried(fn: Callable[[], T], tries: int = 5) -> T:

@@ -79,4 +79,4 @@ def adapter_message(info: AdapterInfo) -> adapters_pb2.Adapter:
     return adapters_pb2.Adapter(
         name=info.name, source=info.source, method=info.method, max_rank=info.max_rank,
         host_bytes=info.host_bytes, resident=info.resident,
-        running_requests=info.running, waiting_requests=info.waiting)
+        running_requests=info.running, waiting_requests=info.waiting, replicas=info.replicas)
