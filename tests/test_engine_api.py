@@ -191,3 +191,23 @@ def test_streaming_sync_and_async(engine, lora_dir):
         assert texts == [w.text for w in want]
     finally:
         loop.shutdown()
+
+
+def test_a_stream_whose_event_loop_closed_does_not_stop_the_engine(engine):
+    loop = EngineLoop(engine)
+    try:
+        slow = SamplingParams(max_tokens=40, ignore_eos=True)
+        orphan = loop.submit("orphan", slow)
+
+        async def start_then_leave() -> None:
+            # Register an asyncio consumer, read one chunk, and let asyncio.run close the loop
+            # without closing the generator (as a crashed client thread would).
+            agen = orphan.astream()
+            await agen.__anext__()
+
+        asyncio.run(start_then_leave())
+        out = loop.submit("still served", GREEDY).result(timeout=60)
+        assert out.finished and len(out.token_ids) == 12
+        assert loop.error is None
+    finally:
+        loop.shutdown()

@@ -29,8 +29,12 @@ class RequestHandle:
 
     def _deliver(self, item: object) -> None:
         self._queue.put(item)
-        for aloop, aqueue in self._async:
-            aloop.call_soon_threadsafe(aqueue.put_nowait, item)
+        for entry in list(self._async):
+            aloop, aqueue = entry
+            try:
+                aloop.call_soon_threadsafe(aqueue.put_nowait, item)
+            except RuntimeError:  # its event loop closed: nobody is reading that stream
+                self._async.remove(entry)
 
     def stream(self, timeout: float | None = None) -> Iterator[RequestOutput]:
         while True:
@@ -117,11 +121,15 @@ class EngineLoop:
                     handle = self._handles.get(out.request_id)
                     if handle is None:
                         continue
-                    handle._deliver(out)
-                    if out.finished:
-                        handle.final = out
-                        handle._deliver(_DONE)
-                        del self._handles[out.request_id]
+                    try:
+                        handle._deliver(out)
+                        if out.finished:
+                            handle.final = out
+                            handle._deliver(_DONE)
+                            del self._handles[out.request_id]
+                    except Exception:  # one consumer's failure must not stop the engine thread
+                        self._handles.pop(out.request_id, None)
+                        self.engine.abort(out.request_id)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
