@@ -5,6 +5,9 @@ kubernetes-validate checks core manifests against the Kubernetes OpenAPI schemas
 RayService is checked against the KubeRay v1.7.0 CRD's structure (a trimmed copy in
 tests/kuberay_rayservice_schema.json) with unknown fields refused, as strict field
 validation would. The values schema must refuse misspelt, mistyped and out-of-enum values.
+
+The public gRPC API is the Serve application's own GrpcIngress (build_app's grpc_* args) on
+the Ray head pod, reached through KubeRay's head service: there is no API Deployment.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ ROOT = CHART.parent.parent
 GPU_VALUES = CHART / "examples" / "values-gpu.yaml"
 CRD_FIXTURE = Path(__file__).with_name("kuberay_rayservice_schema.json")
 FULLNAME = "hub-adapterhub"  # release "hub" (helm_tools default) + chart name
+HEAD_SVC = f"{FULLNAME}-head-svc"  # KubeRay's head service of the RayService
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +70,12 @@ def test_lint_strict_passes(helm: Helm, variant: str):
 def test_renders_every_component(rendered, variant: str):
     docs = rendered[variant]
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for expected in [("RayService", FULLNAME), ("Deployment", f"{FULLNAME}-api"),
-                     ("Service", f"{FULLNAME}-api"), ("Deployment", f"{FULLNAME}-mlflow"),
+    for expected in [("RayService", FULLNAME), ("Deployment", f"{FULLNAME}-mlflow"),
                      ("Service", f"{FULLNAME}-mlflow"), ("Deployment", f"{FULLNAME}-superlink"),
                      ("Service", f"{FULLNAME}-superlink")]:
         assert expected in names, f"{expected} missing from {sorted(names)}"
+    # The API runs inside the Serve application; KubeRay owns the service that carries it.
+    assert not any("-api" in n for k, n in names if k in ("Deployment", "Service")), names
     # The GPU example brings its own Secrets and stores; the default generates and keeps.
     secrets = {n for k, n in names if k == "Secret"}
     if variant == "default":
@@ -157,8 +162,11 @@ def test_rayservice_matches_kuberay_crd(rendered, rayservice_validator, variant:
     for spec in [cfg["headGroupSpec"], *cfg["workerGroupSpecs"]]:
         ports = {p["name"] for p in spec["template"]["spec"]["containers"][0]["ports"]}
         assert {"serve", "serve-grpc"} <= ports
-    assert {"gcs-server", "dashboard", "client"} <= {
-        p["name"] for p in cfg["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {p["name"]: p["containerPort"]
+                  for p in cfg["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {"gcs-server", "dashboard", "client"} <= set(head_ports)
+    # KubeRay puts every named head container port on <name>-head-svc: the API's among them.
+    assert head_ports["grpc"] == 50051 and len(set(head_ports.values())) == len(head_ports)
 
 
 @pytest.mark.parametrize("breakage, expected", [
@@ -213,50 +221,83 @@ def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def _app_args(docs: list[dict]) -> dict:
+    config = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    return config["applications"][0]["args"]
+
+
+def _head_pod(docs: list[dict]) -> dict:
+    cfg = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    return cfg["headGroupSpec"]["template"]["spec"]
+
+
+def _secret_behind(pod: dict, path: str) -> tuple[str, dict]:
+    """(file name inside the mount, the Secret volume) that the pod serves ``path`` from."""
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return path.removeprefix(mount["mountPath"] + "/"), volume["secret"]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_api_runs_cluster_mode_with_key_file(rendered, variant: str):
+def test_api_is_the_apps_grpc_ingress_on_the_head(rendered, variant: str):
     docs = rendered[variant]
-    api = _container(docs, "-api")
-    args = api["args"]
-    assert api["command"] == ["adapterhub"] and args[:3] == [
-        "serve", "--ray", f"ray://{FULLNAME}-head-svc:10001"]
-    key_file = args[args.index("--api-keys-file") + 1]
-    mount = next(m for m in api["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
-    volumes = one(docs, "Deployment", "-api")["spec"]["template"]["spec"]["volumes"]
-    secret = next(v for v in volumes if v["name"] == mount["name"])["secret"]
+    args = _app_args(docs)
+    assert args["grpc_port"] == 50051 and args["grpc_host"] == "0.0.0.0"
+    assert args["ingress_on_head"] is True  # the head service is the only way in
+    head = _head_pod(docs)
+    ports = {p["name"]: p["containerPort"] for p in head["containers"][0]["ports"]}
+    assert ports["grpc"] == args["grpc_port"]
+    # The key file the ingress reads is the API-keys Secret, mounted on the head pod.
+    name, secret = _secret_behind(head, args["api_keys_file"])
     expected = "adapterhub-api-keys" if variant == "gpu" else f"{FULLNAME}-api-keys"
     assert secret["secretName"] == expected
-    assert ("--tls-cert" in args) == (variant == "gpu")
-    # Kubernetes' gRPC probe cannot speak TLS: plaintext uses it, TLS falls back to TCP.
-    probe = api["readinessProbe"]
-    assert ("grpc" in probe) == (variant == "default") and ("tcpSocket" in probe) == (
-        variant == "gpu")
+    assert secret["items"] == [{"key": "api-keys", "path": name}]
+    if variant == "gpu":  # TLS from the named kubernetes.io/tls Secret
+        for arg, file in (("tls_cert", "tls.crt"), ("tls_key", "tls.key")):
+            name, secret = _secret_behind(head, args[arg])
+            assert (name, secret["secretName"]) == (file, "adapterhub-api-tls")
+        ingress = one(docs, "Ingress")
+        assert ingress["metadata"]["annotations"][
+            "nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend == {"name": HEAD_SVC, "port": {"name": "grpc"}}
+    else:
+        assert "tls_cert" not in args and "tls_key" not in args
+        assert "api-tls" not in {v["name"] for v in head["volumes"]}
+    # The engines do not need the API's secrets.
+    cfg = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    worker = cfg["workerGroupSpecs"][0]["template"]["spec"]
+    assert {v["name"] for v in worker["volumes"]} & {"api-keys", "api-tls"} == set()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_api_waits_for_the_rayservice_app_then_attaches(rendered, variant: str):
-    spec = one(rendered[variant], "Deployment", "-api")["spec"]["template"]["spec"]
-    args = spec["containers"][0]["args"]
-    assert args[args.index("--ray-app") + 1] == "adapterhub"
-    (init,) = spec["initContainers"]
-    script = init["args"][0]
-    compile(script, "wait-for-serve", "exec")
-    assert f"http://{FULLNAME}-head-svc:8265/api/serve/applications/" in script
-    assert '"adapterhub"' in script and 'status == "RUNNING"' in script
+def test_api_args_win_over_extra_args_and_tls_needs_a_secret(helm: Helm):
+    docs = helm.render(sets=["serve.extraArgs.grpc_port=1234", "serve.extraArgs.grpc_host=x",
+                             "serve.extraArgs.ingress_on_head=false", "api.port=50100"])
+    args = _app_args(docs)
+    assert (args["grpc_port"], args["grpc_host"], args["ingress_on_head"]) == (
+        50100, "0.0.0.0", True)
+    ports = {p["name"]: p["containerPort"] for p in _head_pod(docs)["containers"][0]["ports"]}
+    assert ports["grpc"] == 50100
+    proc = helm.template(sets=["api.tls.enabled=true"])
+    assert proc.returncode != 0
+    assert "api.tls.secretName is required when api.tls.enabled" in proc.stderr
+    proc = helm.template(sets=["api.port=10001"])  # Ray Client's port on the same pod
+    assert proc.returncode != 0 and "api.port 10001 is taken by ray.ports.client" in proc.stderr
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fine_tune_jobs_need_the_shared_volume(rendered, variant: str):
     docs = rendered[variant]
     rs = one(docs, "RayService")
-    app_args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
-    api = one(docs, "Deployment", "-api")["spec"]["template"]["spec"]
+    app_args = _app_args(docs)
     cfg = rs["spec"]["rayClusterConfig"]
-    pods = [api, cfg["headGroupSpec"]["template"]["spec"],
+    # The API (on the head) and the replicas (on the workers) share the job queue.
+    pods = [cfg["headGroupSpec"]["template"]["spec"],
             cfg["workerGroupSpecs"][0]["template"]["spec"]]
     if variant == "gpu":  # sharedStorage.enabled: one RWX claim at /shared everywhere
         assert app_args["data_dir"] == "/shared" and "finetune" not in app_args
-        assert "--no-finetune" not in api["containers"][0]["args"]
         for pod in pods:
             claim = {v["name"]: v for v in pod["volumes"]}["shared"]["persistentVolumeClaim"]
             assert claim["claimName"] == f"{FULLNAME}-shared"
@@ -264,26 +305,38 @@ def test_fine_tune_jobs_need_the_shared_volume(rendered, variant: str):
             assert mounts["shared"] == "/shared"
     else:  # no shared queue: replicas take no jobs and the API refuses them
         assert app_args["finetune"] is False and "data_dir" not in app_args
-        assert "--no-finetune" in api["containers"][0]["args"]
         assert all("shared" not in {v["name"] for v in pod["volumes"]} for pod in pods)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_chart_speaks_the_cluster_modes_interfaces(rendered, variant: str):
-    """The API command line parses with the real CLI; build_app accepts the Serve args."""
-    pytest.importorskip("serving.cluster.cli", reason="cluster mode (serving/cluster) absent")
-    from adapterhub.cli import build_parser
+def test_chart_speaks_the_cluster_modes_interfaces(rendered, variant: str, tmp_path: Path):
+    """build_app accepts the Serve args, and its ingress would accept the server they make."""
+    pytest.importorskip("serving.cluster.config", reason="cluster mode (serving/cluster) absent")
+    from serving.api import ServerConfig
+    from serving.api.auth import load_api_keys
+    from serving.api.config import check_bind
     from serving.cluster.config import ClusterConfig
 
     docs = rendered[variant]
-    api = _container(docs, "-api")
-    parsed = build_parser().parse_args(api["args"])  # argparse exits on an unknown flag
-    assert parsed.ray == f"ray://{FULLNAME}-head-svc:10001" and parsed.port == 50051
-    assert parsed.no_finetune == (variant == "default")
-    app = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"][0]
-    cfg = ClusterConfig.from_args(app["args"])  # refuses unknown or invalid arguments
+    args = _app_args(docs)
+    cfg = ClusterConfig.from_args(args)  # what build_app validates with: refuses unknown args
     assert cfg.resolved_device() == ("cuda" if variant == "gpu" else "cpu")
     assert cfg.finetune == (variant == "gpu")
+    assert cfg.grpc_port == 50051 and cfg.ingress_on_head
+    # GrpcIngress's ServerConfig from these args, with the key file the pod would mount:
+    # binding 0.0.0.0 must pass the server's own safety check (keys present, TLS complete).
+    if variant == "default":
+        key_file = one(docs, "Secret", "-api-keys")["stringData"]["api-keys"]
+    else:
+        key_file = "a-key-from-the-operators-secret:admin\n"
+    (tmp_path / "api-keys").write_text(key_file)
+    server_config = ServerConfig(
+        host=cfg.grpc_host, port=int(cfg.grpc_port),
+        api_keys=load_api_keys(tmp_path / "api-keys", env=""), tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key, tls_client_ca=cfg.tls_client_ca)
+    check_bind(server_config)
+    assert server_config.api_keys and set(server_config.api_keys.values()) == {"admin"}
+    assert bool(server_config.tls_cert) == (variant == "gpu")
 
 
 def test_generated_api_key_file_has_one_admin_key(rendered):
@@ -364,7 +417,7 @@ def test_external_mlflow_and_no_flower(helm: Helm):
                              "mlflow.externalTrackingUri=https://mlflow.corp.example"])
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert not any("mlflow" in name or "superlink" in name for _, name in kinds), kinds
-    env = _env(_container(docs, "-api"))
+    env = _env(_head_pod(docs)["containers"][0])  # the API runs on the Ray head
     assert env["ADAPTERHUB_TRACKING_URI"]["value"] == "https://mlflow.corp.example"
     assert "MLFLOW_TRACKING_PASSWORD" not in env  # no chart-managed password to hand out
     app = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"][0]
@@ -406,13 +459,20 @@ def test_helm_test_hooks_are_runnable_python(rendered, variant: str):
         container = hook["spec"]["containers"][0]
         assert container["command"] == ["python", "-c"]
         compile(container["args"][0], hook["metadata"]["name"], "exec")
+    # The API's health probe dials KubeRay's head service, port grpc (TLS in the GPU example).
+    api = next(h for h in hooks if h["metadata"]["name"].endswith("-api-health"))
+    script = api["spec"]["containers"][0]["args"][0]
+    tls = variant == "gpu"
+    assert f'target, tls = "{HEAD_SVC}:50051", {tls}' in script
+    volumes = api["spec"].get("volumes", [])
+    assert [v["secret"]["secretName"] for v in volumes] == (["adapterhub-api-tls"] if tls else [])
 
 
 def test_notes_tell_how_to_reach_the_api_and_the_ui(helm: Helm):
     proc = helm.run("install", "hub", str(CHART), "--dry-run=client", "--namespace", "ai")
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
-    assert f"port-forward svc/{FULLNAME}-api 50051:50051" in notes
+    assert f"port-forward svc/{HEAD_SVC} 50051:50051" in notes
     assert f"port-forward svc/{FULLNAME}-mlflow 5000:5000" in notes
     assert "{.data.admin-key}" in notes and "{.data.admin-password}" in notes
 
@@ -464,6 +524,9 @@ def test_shipped_values_satisfy_the_schema(variant: str):
     ("ray.head.rayStartParams.num-gpus=1", "at '/ray/head/rayStartParams/num-gpus': got number"),
     # out of range / not in the enum
     ("api.port=70000", "at '/api/port': maximum"),
+    # settings of the former API Deployment are refused, not silently ignored
+    ("api.replicas=2", "at '/api': additional properties 'replicas' not allowed"),
+    ("api.rayAddress=ray://x:10001", "at '/api': additional properties 'rayAddress' not"),
     ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': value must be one of"),
     ("mlflow.auth.defaultPermission=WRITE", "at '/mlflow/auth/defaultPermission': value must"),
     ("apiKeys.keys[0].key=short", "at '/apiKeys/keys/0/key': minLength"),

@@ -79,8 +79,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-mlflow" (include "adapterhub.fullname" .) }}
 {{- end }}
 
+{{/*
+The service that carries the gRPC API: KubeRay's head service of the RayService (it maps
+every named port of the head container, `grpc` included, and follows the active cluster
+during upgrades).
+*/}}
 {{- define "adapterhub.apiService" -}}
-{{- printf "%s-api" (include "adapterhub.fullname" .) }}
+{{- printf "%s-head-svc" (include "adapterhub.fullname" .) }}
 {{- end }}
 
 {{- define "adapterhub.superlinkService" -}}
@@ -100,7 +105,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or (include "adapterhub.mlflowLocalDb" .) (include "adapterhub.mlflowLocalArtifacts" .) }}true{{ end }}
 {{- end }}
 
-{{/* The tracking URI every AdapterHub process (API, engines, ServerApp) logs to. */}}
+{{/* The tracking URI every AdapterHub process (API and engines on Ray, ServerApp) logs to. */}}
 {{- define "adapterhub.trackingUri" -}}
 {{- if .Values.mlflow.enabled }}
 {{- printf "http://%s:%d" (include "adapterhub.mlflowService" .) (int .Values.mlflow.service.port) }}
@@ -177,7 +182,7 @@ otherwise a fresh random string. Include with (dict "ctx" $ "secret" NAME "key" 
 {{- end }}
 {{- end }}
 
-{{/* Volumes and mounts of the shared store (sharedStorage), for the API and Ray pods. */}}
+{{/* Volumes and mounts of the shared store (sharedStorage), for the Ray pods. */}}
 {{- define "adapterhub.sharedVolume" -}}
 {{- if .Values.sharedStorage.enabled }}
 - name: shared
