@@ -441,3 +441,29 @@ def test_placement_claims_once_and_adopts_orphans(tmp_path, tiny_llama):
     assert a.next_job().job.id == same_name.id  # its name is free now
     claim_b.release(final=False)  # stopped, still running: resumable by anyone
     assert b.next_job().job.id == second.id
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"num_replica": 2}, "unknown cluster argument(s) num_replica"),  # misspelt
+    ({"num_replicas": 0}, "num_replicas must be at least 1"),
+    ({"dtype": "float64"}, "dtype must be one of"),
+    ({"coserve": "sometimes"}, "coserve must be overlap, inline or off"),
+    ({"num_gpus": -0.5}, "must not be negative"),
+])
+def test_bad_application_args_are_refused_at_build_time(args, message):
+    from serving.cluster.config import ClusterConfig
+
+    with pytest.raises(ValueError) as exc:
+        ClusterConfig.from_args(args)
+    assert message in str(exc.value)
+
+
+def test_serve_refuses_bad_cluster_and_coserve_flags(tmp_path, capsys):
+    from adapterhub.cli import main
+
+    # Ray Client cannot stream: refused before anything starts, as a user error.
+    assert main(["serve", "--data-dir", str(tmp_path), "--ray", "ray://head:10001"]) == 2
+    assert "cannot stream" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", str(tmp_path), "--port", "0",
+                 "--coserve-min-share", "2"]) == 2
+    assert "error: min_share must be in [0, 1]" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def connect(address: str) -> bool:
 
     if address.startswith("ray://"):
         # Ray Client cannot stream from Serve deployment handles (Ray 2.55).
-        raise SystemExit(
+        raise ValueError(  # the CLI prints it as one "error:" line, exit status 2
             "--ray ray://... (Ray Client) cannot stream tokens from Serve; run `adapterhub "
             "serve --ray` on a Ray node (address host:6379 or auto), or serve the API inside "
             "the application (build_app argument grpc_port)")
