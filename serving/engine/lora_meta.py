@@ -9,6 +9,7 @@ cached per distinct (ranks, skip); a step sees a handful of them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ class RankGroup:
     def num_tokens(self) -> int:
         return self.tokens.stop - self.tokens.start
 
-    @property
+    @functools.cached_property  # read per module per step: derive once per plan
     def live(self) -> list[tuple[int, int, int]]:
         """(member, first token, end token) of each member with tokens, within ``tokens``."""
         out, lo = [], 0
