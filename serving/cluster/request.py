@@ -24,9 +24,9 @@ from ray.serve.exceptions import DeploymentUnavailableError
 
 from serving.api.status import ApiError
 from serving.cluster.messages import Accepted, Refused
+from serving.engine.loop import DONE, drain
 from serving.engine.outputs import RequestOutput
 
-_DONE = object()
 MAX_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.25
 # A replica's death or a deployment between replicas: the request may run elsewhere.
@@ -81,13 +81,7 @@ class ClusterRequest:
             raise self._refusal
 
     def stream(self, timeout: float | None = None) -> Iterator[RequestOutput]:
-        while True:
-            item = self._queue.get(timeout=timeout)
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return drain(self._queue, timeout)
 
     def result(self, timeout: float | None = None) -> RequestOutput:
         return list(self.stream(timeout))[-1]
@@ -107,7 +101,7 @@ class ClusterRequest:
             self._accepted.set()
         elif error is not None:
             self._queue.put(error)
-        self._queue.put(_DONE)
+        self._queue.put(DONE)
 
     async def _run(self) -> None:
         delivered = 0

@@ -16,7 +16,18 @@ from serving.engine.engine import Engine
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling import SamplingParams
 
-_DONE = object()
+DONE = object()
+
+
+def drain(q: queue.Queue, timeout: float | None = None) -> Iterator[RequestOutput]:
+    """Outputs from ``q`` until the ``DONE`` marker; an exception put on it is raised."""
+    while True:
+        item = q.get(timeout=timeout)
+        if item is DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class RequestHandle:
@@ -37,13 +48,7 @@ class RequestHandle:
                 self._async.remove(entry)
 
     def stream(self, timeout: float | None = None) -> Iterator[RequestOutput]:
-        while True:
-            item = self._queue.get(timeout=timeout)
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return drain(self._queue, timeout)
 
     async def astream(self) -> AsyncIterator[RequestOutput]:
         aqueue: asyncio.Queue = asyncio.Queue()
@@ -58,7 +63,7 @@ class RequestHandle:
         try:
             while True:
                 item = await aqueue.get()
-                if item is _DONE:
+                if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -125,7 +130,7 @@ class EngineLoop:
                         handle._deliver(out)
                         if out.finished:
                             handle.final = out
-                            handle._deliver(_DONE)
+                            handle._deliver(DONE)
                             del self._handles[out.request_id]
                     except Exception:  # one consumer's failure must not stop the engine thread
                         self._handles.pop(out.request_id, None)
@@ -138,7 +143,7 @@ class EngineLoop:
             self.engine.abort(rid)
             handle._deliver(exc if isinstance(exc, RuntimeError)
                             else RuntimeError(f"engine step failed: {exc}"))
-            handle._deliver(_DONE)
+            handle._deliver(DONE)
 
     def run_in_loop(self, fn, *args):
         """Run ``fn`` under the submit lock (for adapter changes from API threads)."""
