@@ -81,6 +81,15 @@ def retried(fn: Callable[[], T], tries: int = 5) -> T:
     return fn()
 
 
+def load_name(name: str, source: str) -> str:
+    """The name a Load request registers under (the source when unnamed), checked."""
+    if not source:
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "source is empty")
+    if name and name != source:
+        validate_name(name)  # RegistryError -> INVALID_ARGUMENT
+    return name or source
+
+
 def engine_stats(engine: Any) -> dict:
     return retried(engine.stats)
 
@@ -153,11 +162,7 @@ class LocalBackend:
 
     # -- adapters ---------------------------------------------------------------------
     def load_adapter(self, name: str, source: str) -> AdapterInfo:
-        name = name or source
-        if not source:
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "source is empty")
-        if name != source:
-            validate_name(name)  # RegistryError -> INVALID_ARGUMENT
+        name = load_name(name, source)
         with self._lock_for(name):
             self._register(name, self.resolve(source), source)
         return self.get_adapter(name)

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from serving.api.backend import AdapterInfo
+from serving.api.backend import AdapterInfo, load_name
 from serving.api.status import ApiError
 from serving.cluster.messages import Refused
 from serving.cluster.request import MAX_ATTEMPTS, RETRY_BACKOFF_S, RETRYABLE, ClusterRequest, Pump
@@ -113,13 +113,7 @@ class ClusterBackend:
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str) -> AdapterInfo:
         """Load on one replica (which validates it), then publish the name cluster-wide."""
-        from adapterhub.registry.refs import validate_name
-
-        name = name or source
-        if not source:
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "source is empty")
-        if name != source:
-            validate_name(name)  # RegistryError -> INVALID_ARGUMENT
+        name = load_name(name, source)
         reply = _refused(self._call(lambda: self.handle.options(
             multiplexed_model_id=name).load_adapter.remote(name, source)))
         replica = reply.pop("replica")
