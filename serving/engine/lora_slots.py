@@ -55,7 +55,8 @@ class LoraSlots:
         self._tick = 0
         self.weights: dict[ModuleKey, LoraWeights] = {}
         self.ranks: tuple[int, ...] = ()
-        self._layout_offsets: dict[int, int] = {}  # bin rank -> first slot, as laid out now
+        self._first: dict[int, int] = {}  # bin rank -> its first global slot
+        self._rows: list[int] = [0]  # global slot -> its first row (and the total at the end)
         self.copies = 0  # adapters copied into a slot (the work a per-step pack would redo)
         self.relayouts = 0  # bin growths (one-off buffer copies)
 
@@ -90,9 +91,9 @@ class LoraSlots:
             placed.append((a, rank, index))
         if placed:
             for a, rank, index in placed:
-                self._write(a, self._offset(rank) + index, rank, read(a))
+                self._write(a, self._first[rank] + index, rank, read(a))
             self.copies += len(placed)
-        return {a.name: self._offset(self._where[a.name][0]) + self._where[a.name][1]
+        return {a.name: self._first[self._where[a.name][0]] + self._where[a.name][1]
                 for a in adapters}
 
     def _free_slot(self, rank: int, wanted: set[str]) -> int:
@@ -120,22 +121,23 @@ class LoraSlots:
     def _order(self) -> list[_Bin]:
         return sorted(self._bins.values(), key=lambda b: -b.rank)
 
-    def _offset(self, rank: int) -> int:
-        off = 0
-        for b in self._order():
-            if b.rank == rank:
-                return off
-            off += b.cap
-        raise KeyError(rank)
-
     # -- buffers ----------------------------------------------------------------------------
     def _relayout(self) -> None:
         """New buffers for the new bin sizes, with every occupied slot's rows carried over."""
-        old_weights, old_ranks = self.weights, self.ranks
-        old_rows = _row_starts(old_ranks)
+        old_weights, old_ranks, old_first, old_rows = (self.weights, self.ranks, self._first,
+                                                       self._rows)
+        self._first, off = {}, 0
+        for b in self._order():
+            self._first[b.rank], off = off, off + b.cap
         self.ranks = tuple(b.rank for b in self._order() for _ in range(b.cap))
-        rows = _row_starts(self.ranks)
-        total = rows[-1]
+        self._rows = rows = _row_starts(self.ranks)
+        # (old slot, new slot, rank) of each occupied slot that existed before; past the old
+        # end of its bin, an old index falls into the next bin, of another rank.
+        moves = []
+        for rank, index in self._where.values():
+            o = old_first.get(rank)
+            if o is not None and o + index < len(old_ranks) and old_ranks[o + index] == rank:
+                moves.append((o + index, self._first[rank] + index, rank))
         dims = self.shape.module_dims()
         new: dict[ModuleKey, LoraWeights] = {}
         for layer in range(self.shape.num_layers):
@@ -143,43 +145,27 @@ class LoraSlots:
                 d_in, d_out = dims[module]
                 key = (layer, module)
                 prev = old_weights.get(key)
-                A = torch.zeros(total, d_in, dtype=self.dtype, device=self.device)
-                Bt = torch.zeros(total, d_out, dtype=self.dtype, device=self.device)
+                A = torch.zeros(rows[-1], d_in, dtype=self.dtype, device=self.device)
+                Bt = torch.zeros(rows[-1], d_out, dtype=self.dtype, device=self.device)
                 bias = None
                 if prev is not None and prev.bias is not None:
                     bias = torch.zeros(len(self.ranks), d_out, dtype=self.dtype,
                                        device=self.device)
                 skip = set(range(len(self.ranks)))
-                new[key] = LoraWeights(A=A, B=Bt.T, bias=bias, ranks=self.ranks)
-                if prev is None:
-                    new[key].skip = frozenset(skip)
-                    continue
-                # Old global slot -> new global slot, for the occupied ones.
-                for (rank, index) in self._where.values():
-                    o, n = self._old_slot(rank, index, old_ranks), self._offset(rank) + index
-                    if o is None:
-                        continue
+                for o, n, rank in moves if prev is not None else ():
                     A[rows[n]:rows[n] + rank] = prev.A[old_rows[o]:old_rows[o] + rank]
                     Bt[rows[n]:rows[n] + rank] = prev.B.T[old_rows[o]:old_rows[o] + rank]
                     if bias is not None:
                         bias[n] = prev.bias[o]
                     if o not in prev.skip:
                         skip.discard(n)
-                new[key].skip = frozenset(skip)
+                new[key] = LoraWeights(A=A, B=Bt.T, bias=bias, ranks=self.ranks,
+                                       skip=frozenset(skip))
         self.weights = new
-        self._layout_offsets = {b.rank: self._offset(b.rank) for b in self._order()}
         self.relayouts += 1
 
-    def _old_slot(self, rank: int, index: int, old_ranks: tuple[int, ...]) -> int | None:
-        """Where (rank, index) sat before the relayout; None for a slot that did not exist."""
-        if rank not in self._layout_offsets:
-            return None
-        o = self._layout_offsets[rank] + index
-        # Past the old end of its bin, o falls into the next bin, of another rank.
-        return o if o < len(old_ranks) and old_ranks[o] == rank else None
-
     def _write(self, adapter: HostAdapter, slot: int, rank: int, flat: Tensor) -> None:
-        row = _row_starts(self.ranks)[slot]
+        row = self._rows[slot]
         for key, w in self.weights.items():
             s = adapter.layout.get(key)
             w.A[row:row + rank].zero_()
