@@ -29,7 +29,6 @@ class AdapterCache:
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU first
         self.loads = 0
         self.evictions = 0
-        self.generation = 0  # bumped when residency changes (invalidates packed weights)
 
     def is_resident(self, name: str) -> bool:
         return name in self._resident
@@ -60,7 +59,6 @@ class AdapterCache:
                 del self._resident[name]
                 self.pool.free(res.pages)
                 self.evictions += 1
-                self.generation += 1
                 return True
         return False
 
@@ -86,7 +84,6 @@ class AdapterCache:
         self.pool.write_flat(pages, adapter.flat)
         self._resident[name] = Resident(adapter, pages)
         self.loads += 1
-        self.generation += 1
         return True
 
     def pin(self, name: str) -> None:
@@ -107,7 +104,6 @@ class AdapterCache:
             return False
         del self._resident[name]
         self.pool.free(res.pages)
-        self.generation += 1
         return True
 
     def prefetch(self, names: list[str], reserve_pages: int) -> None:
