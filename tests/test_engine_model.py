@@ -1,8 +1,9 @@
 """The serving decoder against transformers: paged KV, flattened batches, chunked prefill.
 
 Every scenario runs 3 sequences of different prompt lengths through LlamaForServing on a small
-pool whose pages are handed out shuffled and non-contiguous (page 0, the padding page, is in use
-too) and whose unwritten slots hold NaN, so any paging or masking bug shows in the logits.
+pool whose pages are handed out shuffled and non-contiguous (padding points at a zero null page
+as in UnifiedPool); pages nobody was given hold NaN, so reading a wrong page poisons the logits,
+and a masking bug shows against transformers' logits.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ PROMPT_LENS = (11, 3, 7)
 NEW_TOKENS = 6
 
 
-def _pool(model: LlamaForServing, num_pages: int, device: str = "cpu") -> torch.Tensor:
+def _pool(model: LlamaForServing, tables: list[list[int]],
+          device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """The KV pool and its null page (the last). Like UnifiedPool: pages handed to a sequence
+    start zeroed and tables are padded with the zero null page; every other page holds NaN,
+    so reading a page nobody was given poisons the result instead of hiding."""
     s = model.shape
-    # NaN, not zeros: reading a slot nobody wrote must poison the result, not hide.
-    shape = (num_pages, s.num_layers, 2, BLOCK, s.num_kv_heads, s.head_dim)
-    return torch.full(shape, torch.nan, dtype=model.dtype, device=device)
+    handed = sorted({p for t in tables for p in t})
+    null = handed[-1] + 2  # one NaN page in between that nobody gets
+    shape = (null + 1, s.num_layers, 2, BLOCK, s.num_kv_heads, s.head_dim)
+    kv = torch.full(shape, torch.nan, dtype=model.dtype, device=device)
+    kv[handed] = 0
+    kv[null] = 0
+    return kv, null
 
 
 def _block_tables(n_seqs: int, blocks_each: int, seed: int = 0) -> list[list[int]]:
@@ -67,7 +76,7 @@ def _serve(
     of every other unfinished sequence."""
     blocks = -(-(max(PROMPT_LENS) + NEW_TOKENS) // BLOCK)
     tables = _block_tables(len(prompts), blocks)
-    kv = _pool(model, len(prompts) * blocks, device)
+    kv, null = _pool(model, tables, device)
     seqs = [_Seq(list(p), len(p), t) for p, t in zip(prompts, tables, strict=True)]
     mixed_steps = 0
     while not all(s.finished for s in seqs):
@@ -78,7 +87,7 @@ def _serve(
         meta = AttentionMetadata.build(
             BLOCK, q_lens, [s.cached + q for s, q in zip(pre, q_lens, strict=True)],
             [s.table for s in pre], [len(s.tokens) for s in dec], [s.table for s in dec],
-            device=device,
+            device=device, pad_page=null,
         )
         ids = [t for s, q in zip(pre, q_lens, strict=True) for t in s.tokens[s.cached:s.cached + q]]
         ids += [s.tokens[-1] for s in dec]
@@ -199,7 +208,7 @@ def test_decode_is_one_batched_computation(tiny_mistral: Path, monkeypatch) -> N
     g = torch.Generator().manual_seed(2)
     ctx = torch.randint(1, 13, (n,), generator=g).tolist()
     tables = _block_tables(n, 3, seed=3)
-    kv = _pool(model, n * 3)
+    kv, null = _pool(model, tables)
     for c, table in zip(ctx, tables, strict=True):  # cached context = random finite K/V
         for p in range(c - 1):
             kv[table[p // BLOCK], :, :, p % BLOCK] = torch.randn(
@@ -210,12 +219,12 @@ def test_decode_is_one_batched_computation(tiny_mistral: Path, monkeypatch) -> N
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1)
                         or sdpa(*a, **k))
-    meta = AttentionMetadata.build(BLOCK, [], [], [], ctx, tables)
+    meta = AttentionMetadata.build(BLOCK, [], [], [], ctx, tables, pad_page=null)
     batched = model(ids, meta.positions, meta, kv)
     assert len(calls) == s.num_layers
     assert torch.isfinite(batched).all()
     for i in range(n):  # rewriting a token's own K/V is idempotent, so the pool is reusable
-        meta = AttentionMetadata.build(BLOCK, [], [], [], [ctx[i]], [tables[i]])
+        meta = AttentionMetadata.build(BLOCK, [], [], [], [ctx[i]], [tables[i]], pad_page=null)
         alone = model(ids[i:i + 1], meta.positions, meta, kv)
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=0)
 
@@ -235,8 +244,8 @@ def test_lora_hook_sees_every_target(tiny_qwen2: Path) -> None:
     dims = model.shape.module_dims()
 
     def run(lora):
-        kv = _pool(model, 4)
-        meta = AttentionMetadata.build(BLOCK, [5], [5], [[3, 1]], [], [])
+        kv, null = _pool(model, [[3, 1]])
+        meta = AttentionMetadata.build(BLOCK, [5], [5], [[3, 1]], [], [], pad_page=null)
         return model(torch.arange(3, 8), meta.positions, meta, kv, lora=lora)
 
     rec = _Recorder()

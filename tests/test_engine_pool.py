@@ -37,7 +37,21 @@ def test_pool_pages_by_kind_and_double_free():
     assert pool.stats().free_pages == 10
     with pytest.raises(RuntimeError, match="twice"):
         pool.free(kv[:1])
-    assert pool.kv_view().shape == (10, 2, 2, 2, 1, 8)
+    # Plus the null page block tables are padded with: attention reads it, nobody gets it.
+    assert pool.kv_view().shape == (11, 2, 2, 2, 1, 8) and pool.null_page == 10
+
+
+def test_kv_pages_are_handed_out_zeroed_and_the_null_page_never():
+    """Attention reads the unwritten slots of a sequence's pages (masked by position), so a KV
+    page must not carry what its last owner left there, NaN included."""
+    pool = UnifiedPool(4, SHAPE, block_size=2)
+    pages = pool.alloc(4, ADAPTER)
+    pool.write_flat(pages, torch.full((4 * pool.page_elems,), float("nan")))
+    pool.free(pages)
+    kv = pool.alloc(4, KV)
+    assert pool.null_page not in kv
+    view = pool.kv_view()
+    assert bool((view[kv] == 0).all()) and bool((view[pool.null_page] == 0).all())
 
 
 def test_adapter_round_trips_through_pages_without_rank_padding():

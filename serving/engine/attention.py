@@ -21,7 +21,11 @@ class AttentionMetadata:
     """Where each flattened token writes its K/V and which cached context each query reads.
 
     Tokens are ordered: all prefill tokens (sequence by sequence), then one token per decoding
-    sequence. Block tables are padded with page 0; padded slots are masked, never read.
+    sequence. Block tables are padded with ``pad_page``; padded slots are masked out.
+
+    Attention gathers whole pages and masks by position, so every slot it may read past a
+    sequence's context must hold a finite value (0 * NaN would leak through softmax): the pool
+    zeroes KV pages when it hands them out and pads with its null page, which stays zero.
     """
 
     slot_pages: Tensor  # [T] page of each new token's K/V
@@ -48,6 +52,7 @@ class AttentionMetadata:
         decode_ctx_lens: Sequence[int],
         decode_block_tables: Sequence[Sequence[int]],
         device: torch.device | str = "cpu",
+        pad_page: int = 0,
     ) -> AttentionMetadata:
         """Metadata (and token positions) for one step, from per-sequence host-side lists.
 
@@ -59,7 +64,8 @@ class AttentionMetadata:
         ctx = torch.tensor([*prefill_ctx_lens, *decode_ctx_lens], dtype=torch.long)
         if bool((q_lens <= 0).any()) or bool((q_lens > ctx).any()):
             raise ValueError("need 0 < q_len <= ctx_len for every sequence")
-        tables = _pad_tables([*prefill_block_tables, *decode_block_tables], ctx, block_size)
+        tables = _pad_tables([*prefill_block_tables, *decode_block_tables], ctx, block_size,
+                             pad_page)
         # Token -> sequence index and position, without a Python loop over tokens.
         seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
@@ -88,9 +94,10 @@ def _width(ctx: Tensor, block_size: int) -> int:
     return int((ctx.max() + block_size - 1) // block_size) if len(ctx) else 0
 
 
-def _pad_tables(tables: Sequence[Sequence[int]], ctx: Tensor, block_size: int) -> Tensor:
+def _pad_tables(tables: Sequence[Sequence[int]], ctx: Tensor, block_size: int,
+                pad_page: int) -> Tensor:
     need = ((ctx + block_size - 1) // block_size).tolist()
-    out = torch.zeros(len(tables), max(need, default=0), dtype=torch.long)
+    out = torch.full((len(tables), max(need, default=0)), pad_page, dtype=torch.long)
     for i, (table, n) in enumerate(zip(tables, need, strict=True)):  # per sequence, not token
         if len(table) < n:
             raise ValueError(f"sequence {i}: block table has {len(table)} pages, needs {n}")
@@ -104,17 +111,16 @@ def write_kv(kv_layer: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) ->
     kv_layer[meta.slot_pages, :, meta.slot_offsets] = torch.stack((k, v), 1).to(kv_layer.dtype)
 
 
-def _gather(kv_layer: Tensor, tables: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """K and V [n, blocks * block_size, kvh, hd] of the pages in ``tables``, zero where not
-    ``valid`` [n, blocks * block_size] (slots past each sequence's context).
+def _gather(kv_layer: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
+    """K and V [n, blocks * block_size, kvh, hd] of the pages in ``tables`` (one index_select).
 
-    Zeroing matters: pages are shared with adapter weights and padding points at page 0, so
-    unwritten slots may hold anything, NaN included, and 0 * NaN would leak through softmax.
+    Slots past each sequence's context are read as they are, finite by the pool's contract
+    (see AttentionMetadata), and left to the attention mask.
     """
     n, blocks = tables.shape
-    pages = kv_layer[tables]  # [n, blocks, 2, bs, kvh, hd]
+    pages = kv_layer.index_select(0, tables.reshape(-1))  # [n * blocks, 2, bs, kvh, hd]
+    pages = pages.view(n, blocks, *pages.shape[1:])
     bs = pages.shape[3]
-    pages.masked_fill_(~valid.view(n, blocks, 1, bs, 1, 1), 0)  # pages is already a copy
     k = pages[:, :, 0].reshape(n, blocks * bs, *pages.shape[-2:])
     v = pages[:, :, 1].reshape(n, blocks * bs, *pages.shape[-2:])
     return k, v
@@ -169,8 +175,7 @@ def _prefill_one(
         kc, vc = k[None], v[None]
     else:
         nb = -(-ctx // kv_layer.shape[2])
-        valid = torch.arange(nb * kv_layer.shape[2], device=q.device) < ctx
-        kc, vc = _gather(kv_layer, table[None, :nb], valid[None])
+        kc, vc = _gather(kv_layer, table[None, :nb])
     q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
     mask = _window_mask(q_pos, torch.arange(kc.shape[1], device=q.device), window)
     return _grouped_sdpa(q[None], kc, vc, mask[None], scale)[0]
@@ -182,7 +187,7 @@ def _decode(
     """One batched attention for all decode tokens, q [n, H, D]; no host sync, graph-safe."""
     tables = meta.decode_block_tables
     k_pos = torch.arange(tables.shape[1] * kv_layer.shape[2], device=q.device)
-    k, v = _gather(kv_layer, tables, k_pos[None, :] < meta.decode_ctx_lens[:, None])
+    k, v = _gather(kv_layer, tables)
     mask = _window_mask(meta.decode_ctx_lens - 1, k_pos, window)
     return _grouped_sdpa(q[:, None], k, v, mask[:, None], scale)[:, 0]
 

@@ -46,8 +46,11 @@ class UnifiedPool:
         self.shape = shape
         self.block_size = block_size
         self.page_elems = shape.num_layers * 2 * block_size * shape.kv_dim
-        self.storage = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=device)
+        # One page past the last is the null page: never handed out, always zero, what block
+        # tables are padded with (attention reads it, so it must stay finite).
+        self.storage = torch.zeros(num_pages + 1, self.page_elems, dtype=dtype, device=device)
         self.num_pages = num_pages
+        self.null_page = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._kind = [""] * num_pages
         self._used = {KV: 0, ADAPTER: 0, ACTIVATION: 0}
@@ -59,7 +62,7 @@ class UnifiedPool:
     def kv_view(self) -> torch.Tensor:
         s = self.shape
         return self.storage.view(
-            self.num_pages, s.num_layers, 2, self.block_size, s.num_kv_heads, s.head_dim
+            self.num_pages + 1, s.num_layers, 2, self.block_size, s.num_kv_heads, s.head_dim
         )
 
     def pages_for(self, elems: int) -> int:
@@ -72,6 +75,10 @@ class UnifiedPool:
         for p in pages:
             self._kind[p] = kind
         self._used[kind] += n
+        if kind == KV and pages:
+            # Attention reads the unwritten slots of a sequence's last page (masked by position),
+            # so they must be finite: whatever a freed page held before, zero it.
+            self.storage.index_fill_(0, torch.tensor(pages, device=self.storage.device), 0)
         return pages
 
     def free(self, pages: list[int]) -> None:

@@ -67,6 +67,7 @@ class ModelRunner:
             [seq.num_tokens for seq in batch.decodes],
             [seq.block_table for seq in batch.decodes],
             self.device,
+            pad_page=pool.null_page,
         )
         all_seqs = [s for s, _ in batch.prefills] + batch.decodes
         lora = None
