@@ -6,14 +6,17 @@ rank next to each other (lora_meta.py makes each rank group a zero-copy view the
 active set every step copies every active adapter every step; here each (layer, module) keeps
 one buffer whose rows are grouped in rank bins (largest rank first), and an adapter is copied in
 from its pool pages once, when it first needs a slot. It keeps the slot until another adapter
-needs it (least recently used), so a steady decode batch copies nothing, and a batch whose
-membership changes copies only the adapters that joined.
+needs it, so a steady decode batch copies nothing, and a batch whose membership changes copies
+only the adapters that joined. A joining adapter takes an idle slot inside the span of the
+step's slots before one outside it (the operator reads every slot's weights from the first live
+one to the last, idle ones too), then an empty one, then the least recently used.
 
 An adapter takes a slot in the bin of its largest rank. A module where it has a smaller rank is
 zero padded inside its own slot (never to the batch's largest rank); a module it does not target
 is zero and listed in that module's ``skip`` set, so its tokens pass that module bare. A bin
-grows by doubling (a one-off copy of the buffers) up to ``max_slots_per_bin``: the most adapters
-of one rank a step can hold is the scheduler's sequence cap.
+grows by doubling up to ``max_slots_per_bin`` (the most adapters of one rank a step can hold is
+the scheduler's sequence cap); the bins a step creates or grows cost one relayout, a copy of
+each old bin's block of rows.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class LoraSlots:
         self.weights: dict[ModuleKey, LoraWeights] = {}
         self.ranks: tuple[int, ...] = ()
         self._first: dict[int, int] = {}  # bin rank -> its first global slot
+        self._caps: dict[int, int] = {}  # bin rank -> its slots in the current buffers
         self._rows: list[int] = [0]  # global slot -> its first row (and the total at the end)
         self.copies = 0  # adapters copied into a slot (the work a per-step pack would redo)
         self.relayouts = 0  # bin growths (one-off buffer copies)
@@ -69,16 +73,19 @@ class LoraSlots:
         self._tick += 1
         wanted = {a.name for a in adapters}
         missing = []
+        live: dict[int, set[int]] = {}  # bin rank -> indices of this step's adapters
         for a in adapters:
             where = self._where.get(a.name)
             if where is not None and self._bins[where[0]].owners[where[1]] is a:
                 self._bins[where[0]].last_used[where[1]] = self._tick
+                live.setdefault(where[0], set()).add(where[1])
             else:
                 missing.append(a)
+        self._reserve(adapters, missing)
         placed: list[tuple[HostAdapter, int, int]] = []
         for a in missing:
             rank = max(1, a.max_rank)
-            index = self._free_slot(rank, wanted)
+            index = self._free_slot(rank, wanted, live.setdefault(rank, set()))
             old = self._bins[rank].owners[index]
             if old is not None and self._where.get(old.name) == (rank, index):
                 del self._where[old.name]
@@ -88,6 +95,7 @@ class LoraSlots:
             self._bins[rank].owners[index] = a
             self._bins[rank].last_used[index] = self._tick
             self._where[a.name] = (rank, index)
+            live[rank].add(index)
             placed.append((a, rank, index))
         if placed:
             for a, rank, index in placed:
@@ -96,48 +104,66 @@ class LoraSlots:
         return {a.name: self._first[self._where[a.name][0]] + self._where[a.name][1]
                 for a in adapters}
 
-    def _free_slot(self, rank: int, wanted: set[str]) -> int:
-        b = self._bins.get(rank)
-        if b is None:
-            self._bins[rank] = b = _Bin(rank, [None] * self.initial_slots,
-                                        [0] * self.initial_slots)
+    def _reserve(self, adapters: Sequence[HostAdapter], missing: Sequence[HostAdapter]) -> None:
+        """Create and grow (by doubling) the bins this step needs, with one relayout."""
+        need: dict[int, int] = {}
+        for a in adapters:
+            rank = max(1, a.max_rank)
+            need[rank] = need.get(rank, 0) + 1
+        changed = False
+        for rank in {max(1, a.max_rank) for a in missing}:
+            if need[rank] > self.max_slots_per_bin:
+                raise RuntimeError(f"more than {self.max_slots_per_bin} adapters of rank {rank} "
+                                   "in one step")
+            b = self._bins.get(rank)
+            cap = b.cap if b is not None else self.initial_slots
+            while cap < need[rank]:
+                cap *= 2
+            cap = min(cap, self.max_slots_per_bin)
+            if b is None:
+                self._bins[rank] = _Bin(rank, [None] * cap, [0] * cap)
+            elif cap > b.cap:
+                grow = cap - b.cap
+                b.owners.extend([None] * grow)
+                b.last_used.extend([0] * grow)
+            else:
+                continue
+            changed = True
+        if changed:
             self._relayout()
-        for i, owner in enumerate(b.owners):
-            if owner is None:
-                return i
-        # Least recently used among slots this step does not need.
-        idle = [i for i, owner in enumerate(b.owners) if owner.name not in wanted]
-        if idle:
-            return min(idle, key=lambda i: b.last_used[i])
-        if b.cap >= self.max_slots_per_bin:
-            raise RuntimeError(f"more than {self.max_slots_per_bin} adapters of rank {rank} "
-                               "in one step")
-        grow = min(b.cap * 2, self.max_slots_per_bin) - b.cap
-        b.owners.extend([None] * grow)
-        b.last_used.extend([0] * grow)
-        self._relayout()
-        return b.cap - grow
+
+    def _free_slot(self, rank: int, wanted: set[str], live: set[int]) -> int:
+        """A slot for a new adapter of the bin (``_reserve`` made room): one that does not widen
+        the span of the step's slots (the operator reads every slot's weights from the first
+        live one to the last), then an empty one, then the least recently used idle one."""
+        b = self._bins[rank]
+        free = [i for i, owner in enumerate(b.owners) if owner is None or owner.name not in wanted]
+        lo, hi = (min(live), max(live)) if live else (0, b.cap)
+
+        def cost(i: int) -> tuple:
+            return max(0, lo - i, i - hi), b.owners[i] is not None, b.last_used[i], i
+        return min(free, key=cost)
 
     def _order(self) -> list[_Bin]:
         return sorted(self._bins.values(), key=lambda b: -b.rank)
 
     # -- buffers ----------------------------------------------------------------------------
     def _relayout(self) -> None:
-        """New buffers for the new bin sizes, with every occupied slot's rows carried over."""
-        old_weights, old_ranks, old_first, old_rows = (self.weights, self.ranks, self._first,
-                                                       self._rows)
+        """New buffers for the new bin sizes, each old bin's block of rows carried over whole.
+
+        A bin only ever grows at its end, so its slots keep their indices: one copy per bin and
+        buffer, not one per slot.
+        """
+        old_weights, old_first, old_rows = self.weights, self._first, self._rows
+        old_cap = self._caps
         self._first, off = {}, 0
         for b in self._order():
             self._first[b.rank], off = off, off + b.cap
+        self._caps = {b.rank: b.cap for b in self._bins.values()}
         self.ranks = tuple(b.rank for b in self._order() for _ in range(b.cap))
         self._rows = rows = _row_starts(self.ranks)
-        # (old slot, new slot, rank) of each occupied slot that existed before; past the old
-        # end of its bin, an old index falls into the next bin, of another rank.
-        moves = []
-        for rank, index in self._where.values():
-            o = old_first.get(rank)
-            if o is not None and o + index < len(old_ranks) and old_ranks[o + index] == rank:
-                moves.append((o + index, self._first[rank] + index, rank))
+        # (old first slot, new first slot, slots, rank) of each bin that existed before.
+        blocks = [(old_first[r], self._first[r], cap, r) for r, cap in old_cap.items()]
         dims = self.shape.module_dims()
         new: dict[ModuleKey, LoraWeights] = {}
         for layer in range(self.shape.num_layers):
@@ -152,13 +178,13 @@ class LoraSlots:
                     bias = torch.zeros(len(self.ranks), d_out, dtype=self.dtype,
                                        device=self.device)
                 skip = set(range(len(self.ranks)))
-                for o, n, rank in moves if prev is not None else ():
-                    A[rows[n]:rows[n] + rank] = prev.A[old_rows[o]:old_rows[o] + rank]
-                    Bt[rows[n]:rows[n] + rank] = prev.B.T[old_rows[o]:old_rows[o] + rank]
+                for o, n, cap, rank in blocks if prev is not None else ():
+                    src, dst, size = old_rows[o], rows[n], cap * rank
+                    A[dst:dst + size] = prev.A[src:src + size]
+                    Bt[dst:dst + size] = prev.B.T[src:src + size]
                     if bias is not None:
-                        bias[n] = prev.bias[o]
-                    if o not in prev.skip:
-                        skip.discard(n)
+                        bias[n:n + cap] = prev.bias[o:o + cap]
+                    skip -= {n + i for i in range(cap) if o + i not in prev.skip}
                 new[key] = LoraWeights(A=A, B=Bt.T, bias=bias, ranks=self.ranks,
                                        skip=frozenset(skip))
         self.weights = new
@@ -168,9 +194,10 @@ class LoraSlots:
         row = self._rows[slot]
         for key, w in self.weights.items():
             s = adapter.layout.get(key)
-            w.A[row:row + rank].zero_()
             bt = w.B.T
-            bt[row:row + rank].zero_()
+            if s is None or s.rank < rank:  # rows the adapter does not fill must be zero
+                w.A[row:row + rank].zero_()
+                bt[row:row + rank].zero_()
             if s is None or s.rank == 0:
                 w.skip = w.skip | {slot}
                 if w.bias is not None:
