@@ -60,20 +60,21 @@ def _slots(k, rng, shuffle, n_seg=3, n_decode=12):
     return torch.tensor(slots, dtype=torch.long)
 
 
-@pytest.fixture(params=["auto", "dense", "grouped_mm", "group_dense", "loop"])
+@pytest.fixture(params=["auto", "dense", "grouped_mm", "bmm", "loop"])
 def path(request, monkeypatch):
     """dense: one masked GEMM pair over the live span; grouped_mm: the CUDA path, one grouped
-    GEMM pair per rank group; group_dense: a masked GEMM pair per rank group; loop: a GEMM pair
-    per adapter with tokens."""
+    GEMM pair per rank group; bmm: a batched GEMM pair per rank group over its slots, tokens
+    padded to a common width (launches cost the earth); loop: a GEMM pair per adapter with
+    tokens (launches cost nothing)."""
     if request.param != "auto":
         limit = 10**9 if request.param == "dense" else -1
         monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", limit)
         monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", limit)
     if request.param == "grouped_mm":
         monkeypatch.setattr(lora_op, "FORCE_GROUPED_MM", True)
-    launch = {"group_dense": 10**15, "loop": 0}
+    launch = {"bmm": 10**15, "loop": 0}
     if request.param in launch:
-        monkeypatch.setattr(lora_op, "LAUNCH_MACS", launch[request.param])
+        monkeypatch.setattr(lora_meta, "LAUNCH_MACS", launch[request.param])
     return request.param
 
 
@@ -145,23 +146,42 @@ def test_dispatch_with_grouped_mm(monkeypatch):
     assert len(calls) == 2
 
 
-def test_cpu_picks_dense_for_decode_and_a_loop_for_long_segments(monkeypatch):
-    """A token or two per adapter: per-adapter GEMMs would be all launch overhead; long
-    prefill segments: a GEMM pair per adapter. Neither calls grouped_mm, a loop of GEMMs over
-    every slot on CPU."""
+def test_cpu_batches_decode_and_gives_long_segments_their_own_gemms(monkeypatch):
+    """A token or two per adapter: one batched GEMM pair over the group's slots (per-adapter
+    GEMMs would be all launch overhead); a long prefill segment beside them overflows into a
+    GEMM pair of its own rather than padding every adapter to its length. Neither calls
+    grouped_mm, a loop of GEMMs over every slot on CPU."""
     calls = _spy(monkeypatch)
     ranks = [16] * 12
     w = pack_lora_weights(_adapters(ranks))
-    for slots, want in ((torch.arange(12).repeat(2), "dense"),
-                        (torch.arange(12).repeat_interleave(200), "loop")):
+    decode = torch.arange(12).repeat(2)
+    uneven = torch.cat([decode, torch.full((10,), 5)])  # adapter 5: 12 tokens
+    prefill = torch.cat([torch.full((200,), 3), torch.arange(12)])
+    for slots, width, overflow in ((decode, 2, []), (uneven, 2, [5]), (prefill, 1, [3])):
         meta = LoraBatchMeta.build(slots, ranks)
         plan = meta.plan(tuple(ranks))
         assert not plan.dense and len(plan.groups) == 1
+        g = plan.groups[0]
+        assert g.width == width and [j for j, _, _ in g.overflow] == overflow
+        assert g.num_positions == len(slots) and not plan.padded
         x = torch.randn(len(slots), D_IN)
-        assert lora_op._group_path(x, w, plan.groups[0]) == want
         torch.testing.assert_close(lora_delta(x, w, meta).double(),
                                    _reference(x, slots, _adapters(ranks)), atol=1e-5, rtol=1e-5)
     assert not calls
+
+
+def test_short_adapters_are_padded_to_the_batched_width():
+    ranks = [8] * 6
+    adapters = _adapters(ranks, bias=True)
+    slots = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 5, -1])  # widths 1 and 2: pad the 1s
+    meta = LoraBatchMeta.build(slots, ranks)
+    g = meta.plan(tuple(ranks)).groups[0]
+    assert g.width == 2 and not g.overflow and meta.plan(tuple(ranks)).padded
+    x = torch.randn(len(slots), D_IN)
+    y0 = torch.randn(len(slots), D_OUT)
+    y = apply_lora(y0.clone(), x, pack_lora_weights(adapters), meta)
+    torch.testing.assert_close(y.double(), y0.double() + _reference(x, slots, adapters),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("d_in,dtype", [(30, torch.float32), (D_IN, torch.float64)])

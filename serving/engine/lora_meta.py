@@ -23,6 +23,13 @@ from torch import Tensor
 # sum_r <= 32, loses from about 3x waste (k = 3 ranks 32/16/8) upward.
 DENSE_MAX_SUM_RANK = 32
 DENSE_MAX_WASTE = 1.25
+# Cost model of the per-group paths (lora_op.py), in multiply-adds: one extra kernel launch
+# (CPU, one thread: ~5 us of dispatch at ~30 GMAC/s), and reading one weight from memory (a
+# small-M GEMM streams its weights at ~20 GB/s against ~30 GMAC/s of compute: ~6 MACs a float).
+LAUNCH_MACS = 150_000
+READ_MACS = 6
+# The (d_in + d_out) the per-plan path choice assumes when the caller gives none.
+DEFAULT_COST_DIM = 512
 
 
 @dataclass
@@ -35,7 +42,14 @@ class RankGroup:
     tokens: slice  # its tokens' range in the sorted order
     offs: Tensor  # int32 [num_adapters]: end of each adapter's tokens within `tokens`
     counts: list[int]  # tokens of each adapter (host copy of offs' differences)
-    _dense_mask: Tensor | None = None
+    # Segment layout (lora_op._segmented), from ``lay_out``: the first ``width`` tokens of every
+    # member go to one batched GEMM pair over the group's slots, laid out [num_adapters, width]
+    # (short members padded with zero rows); a member's tokens past ``width`` take a GEMM pair
+    # of their own, at ``overflow`` (member, first, end position within ``pos``). ``pos`` is
+    # the group's range of rows in the plan's layout.
+    width: int = 0
+    overflow: list[tuple[int, int, int]] = field(default_factory=list)
+    pos: slice = field(default_factory=lambda: slice(0, 0))
 
     @property
     def num_tokens(self) -> int:
@@ -51,14 +65,45 @@ class RankGroup:
             lo += c
         return out
 
-    def dense_mask(self) -> Tensor:
-        """[num_tokens, num_adapters * rank]: True where the row is another adapter's."""
-        if self._dense_mask is None:
-            member = torch.repeat_interleave(torch.arange(self.num_adapters),
-                                             torch.tensor(self.counts))
-            owner = torch.arange(self.num_adapters * self.rank) // self.rank
-            self._dense_mask = (member[:, None] != owner[None, :]).to(self.offs.device)
-        return self._dense_mask
+    def lay_out(self, cost_dim: int) -> tuple[Tensor, Tensor]:
+        """Choose ``width`` by cost (LAUNCH_MACS, READ_MACS) and lay the tokens out for it.
+
+        The batched pair multiplies every member's weights by ``width`` rows, padding included,
+        in two launches; each overflowing member costs its extra tokens and two launches.
+        Decode (a token or two per adapter) wants width 1 or 2; a long prefill segment beside
+        decode tokens overflows rather than padding every member to its length; width 0 is a
+        GEMM pair per member. Returns (position -> index into the group's sorted tokens, or -1
+        for padding; position of each sorted token).
+        """
+        weights = self.rank * cost_dim  # per member
+
+        def cost(w: int) -> int:
+            over = [c - w for c in self.counts if c > w]
+            batched = (w + READ_MACS) * self.num_adapters * weights + 2 * LAUNCH_MACS if w else 0
+            return batched + (sum(over) + READ_MACS * len(over)) * weights \
+                + 2 * len(over) * LAUNCH_MACS
+
+        self.width = w = min(sorted({0, *self.counts}), key=cost)
+        k = self.num_adapters
+        where = [0] * self.num_tokens  # layout position of each sorted token
+        nxt, start, self.overflow = k * w, 0, []
+        for j, c in enumerate(self.counts):
+            for i in range(min(c, w)):
+                where[start + i] = j * w + i
+            if c > w:
+                self.overflow.append((j, nxt, nxt + c - w))
+                for i in range(w, c):
+                    where[start + i] = nxt + i - w
+                nxt += c - w
+            start += c
+        source = torch.full((nxt,), -1, dtype=torch.long)
+        where_t = torch.tensor(where, dtype=torch.long)
+        source[where_t] = torch.arange(self.num_tokens)
+        return source, where_t
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_adapters * self.width + sum(hi - lo for _, lo, hi in self.overflow)
 
 
 @dataclass
@@ -74,6 +119,12 @@ class Plan:
     identity: bool  # order is 0..T-1: skip the gather and the scatter
     groups: list[RankGroup]
     skip: frozenset[int] = frozenset()
+    # Segment layout of the per-group paths (cpu): row p of the layout is token gather[p] of
+    # x (x's row count = a zero padding row) and adds into row dest[p] of y (padding rows add
+    # exact zeros to row 0). None when the layout is the sorted order itself.
+    gather: Tensor | None = None
+    dest: Tensor | None = None
+    padded: bool = False  # the layout has zero padding rows (x needs its zero row)
     # Dense path: True where span row j is another slot's and must be zeroed for token t
     # ([T, span rows]); None when every token owns every row (one adapter, no bare tokens).
     _zero_mask: Tensor | None = None
@@ -95,6 +146,7 @@ class LoraBatchMeta:
     valid_slots: Tensor
     all_valid: bool
     _slots_host: Tensor = field(repr=False)
+    cost_dim: int = DEFAULT_COST_DIM  # typical d_in + d_out of a module, for path choice
     _plans: dict[tuple[int, ...], Plan] = field(default_factory=dict, repr=False)
 
     @property
@@ -103,7 +155,8 @@ class LoraBatchMeta:
 
     @classmethod
     def build(cls, token_slots: Tensor | Sequence[int], ranks: Sequence[int],
-              device: torch.device | str | None = None) -> LoraBatchMeta:
+              device: torch.device | str | None = None,
+              cost_dim: int = DEFAULT_COST_DIM) -> LoraBatchMeta:
         # One host copy per step; the scheduler has the slots on the host anyway.
         host = torch.as_tensor(token_slots, dtype=torch.long).detach().to("cpu").reshape(-1)
         ranks = tuple(int(r) for r in ranks)
@@ -118,7 +171,7 @@ class LoraBatchMeta:
         meta = cls(
             slots=host.to(device), ranks=ranks, device=device, counts=counts,
             valid_idx=valid.to(device), valid_slots=host[valid].to(device),
-            all_valid=valid.numel() == host.numel(), _slots_host=host,
+            all_valid=valid.numel() == host.numel(), _slots_host=host, cost_dim=cost_dim,
         )
         meta.plan(ranks)
         return meta
@@ -173,8 +226,31 @@ class LoraBatchMeta:
         rows = slice(row_start[live[0]], row_start[live[-1] + 1]) if live else slice(0, 0)
         sum_r, exact = rows.stop - rows.start, sum(counts[s] * ranks[s] for s in live)
         dense = sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact
-        return Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
+        plan = Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
                     order=order.to(self.device), identity=identity, groups=groups, skip=skip)
+        if not dense:
+            self._segments(plan, order)
+        return plan
+
+    def _segments(self, plan: Plan, order: Tensor) -> None:
+        """Lay every group's tokens out for its GEMMs (Plan.gather / dest)."""
+        pad = self.num_tokens  # the zero row appended to x
+        gather, dest, pos = [], [], 0
+        for g in plan.groups:
+            source, _ = g.lay_out(self.cost_dim)
+            toks = order[g.tokens]
+            real = source >= 0
+            src = torch.where(real, toks[source.clamp(min=0)], pad)
+            dest.append(torch.where(real, src, 0))
+            gather.append(src)
+            g.pos = slice(pos, pos + g.num_positions)
+            pos += g.num_positions
+        padded = pos != plan.num_active
+        src = torch.cat(gather)
+        if padded or not plan.identity or not bool((src == torch.arange(pos)).all()):
+            plan.gather = src.to(self.device)
+            plan.dest = torch.cat(dest).to(self.device)
+        plan.padded = padded
 
     def zero_mask(self, plan: Plan) -> Tensor | None:
         """Dense path mask: True where a token's span row of x @ A^T belongs to another slot."""

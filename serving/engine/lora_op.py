@@ -9,12 +9,16 @@ one view. Per module and step, on the host, with no device sync:
 - whole-plan dense: h = x @ A_span^T over the rows of all live slots, zero the rows of other
   slots, y += h @ B_span^T. Two plain GEMMs, no gather or scatter; taken when the rows are few
   (sum_r <= 32) or nearly all used (T * sum_r <= 1.25 * sum_t r_t: in practice one adapter).
-- otherwise per rank group (the only Python loop is over distinct ranks, plus over adapters in
-  ``loop``), by cost (``_group_path``): ``grouped_mm`` where it is one native kernel (CUDA bf16,
-  sm90+); ``dense`` (the same masked pair over the group's rows) where each adapter has a token
-  or two and a GEMM per adapter would be launch overhead; ``loop``, a GEMM pair per adapter with
-  tokens on views of its rows, for long segments. On CPU torch's grouped_mm is itself a loop of
-  GEMMs over every slot (idle ones too), so it is never the cheaper choice there.
+- otherwise per rank group (the only Python loop is over distinct ranks, plus over adapters
+  with overflowing tokens): ``grouped_mm`` where it is one native kernel (CUDA bf16, sm90+).
+  Elsewhere (``_segmented``) one gather lays the tokens out by group (lora_meta.RankGroup.
+  lay_out): the first ``width`` tokens of every adapter of the group go to one batched GEMM pair
+  over its slots, short adapters padded with zero rows (decode: a token or two per adapter, so
+  per-adapter GEMMs would be all launch overhead, and every slot's weights are read once); an
+  adapter's tokens past the width (a prefill segment) take a GEMM pair of their own, on views
+  of its rows. The width minimises a cost model; width 0 is a GEMM pair per adapter. The groups
+  write one output buffer, added into y by one scatter. On CPU torch's grouped_mm is itself a
+  loop of GEMMs over every slot (idle ones too), so it is never the cheaper choice there.
 """
 
 from __future__ import annotations
@@ -99,9 +103,6 @@ def pack_lora_weights(per_adapter: Sequence[tuple[Tensor, Tensor, Tensor | None]
                        bias=bias, ranks=tuple(A.shape[0] for A, _, _ in entries))
 
 
-# What one extra GEMM launch costs, in multiply-adds of useful work (CPU, one thread: ~5 us of
-# dispatch at ~30 GMAC/s). Only the ratio between the two costs matters.
-LAUNCH_MACS = 150_000
 # Tests set this to run the grouped_mm path (the CUDA one) on CPU too.
 FORCE_GROUPED_MM = False
 
@@ -125,48 +126,31 @@ def _grouped_ok(x: Tensor, w: LoraWeights) -> bool:
     return x.device.type != "cuda" or _cuda_grouped_ok(x.device)
 
 
-def _group_path(x: Tensor, w: LoraWeights, g: RankGroup) -> str:
-    """How one rank group is applied: ``grouped_mm``, ``dense`` or ``loop``.
-
-    Where grouped_mm has a native kernel (CUDA bf16, sm90+) it is one launch for the group,
-    idle slots included. Elsewhere torch runs it as a GEMM per slot (idle ones too), so it
-    loses to the two alternatives, chosen by cost: ``dense`` multiplies every token of the group
-    by every slot's rows and zeroes the foreign ones (two GEMMs; wins in decode, a token or two
-    per adapter, where per-adapter GEMMs are all launch overhead); ``loop`` runs a GEMM pair
-    per adapter with tokens, on views of its rows (wins for long prefill segments).
-    """
+def _use_grouped_mm(x: Tensor, w: LoraWeights) -> bool:
+    """grouped_mm where it is one native kernel (CUDA bf16, sm90+). Elsewhere torch runs it as
+    a GEMM per slot, idle ones too, so the segmented paths cost less."""
     native = x.is_cuda and x.dtype == torch.bfloat16 and _cuda_native_grouped(x.device)
-    if (FORCE_GROUPED_MM or native) and _grouped_ok(x, w):
-        return "grouped_mm"
-    d = w.d_in + w.d_out
-    dense = g.num_tokens * g.num_adapters * g.rank * d
-    loop = g.num_tokens * g.rank * d + 2 * len(g.live) * LAUNCH_MACS
-    return "dense" if dense <= loop else "loop"
+    return (FORCE_GROUPED_MM or native) and _grouped_ok(x, w)
 
 
-def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
-    xs = x.contiguous() if plan.identity else x.index_select(0, plan.order)
+def _group_rows(w: LoraWeights, g: RankGroup) -> tuple[Tensor, Tensor]:
+    """The group's A rows [num_adapters * rank, d_in] and B^T rows [.., d_out]."""
     bt = w.B.T  # [sum_r, d_out], contiguous by construction
+    if isinstance(g.rows, slice):
+        return w.A[g.rows], bt[g.rows]
+    return w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
+
+
+def _grouped_mm(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
+    """Tokens in sorted order; one grouped GEMM pair per rank group (two plain GEMMs for a
+    group with one live adapter)."""
+    xs = x.contiguous() if plan.identity else x.index_select(0, plan.order)
     for g in plan.groups:
-        if isinstance(g.rows, slice):
-            a, b = w.A[g.rows], bt[g.rows]
-        else:
-            a, b = w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
+        a, b = _group_rows(w, g)
         xg, r = xs[g.tokens], g.rank
-        live = g.live
-        path = "one" if len(live) == 1 else _group_path(x, w, g)
-        if path == "one":  # one adapter with tokens: two plain GEMMs on its rows
-            j = live[0][0]
+        if len(g.live) == 1:
+            j = g.live[0][0]
             out = (xg @ a[j * r:(j + 1) * r].T) @ b[j * r:(j + 1) * r]
-        elif path == "dense":
-            h = xg @ a.T  # [n, slots * r]
-            h.masked_fill_(g.dense_mask(), 0)
-            out = h @ b
-        elif path == "loop":
-            out = xg.new_empty(g.num_tokens, w.d_out)
-            for j, lo, hi in live:
-                torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r],
-                         out=out[lo:hi])
         else:
             a = a.view(g.num_adapters, r, w.d_in).transpose(1, 2)
             b = b.view(g.num_adapters, r, w.d_out)
@@ -176,6 +160,30 @@ def _grouped(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
             y[g.tokens] += out
         else:
             y.index_add_(0, plan.order[g.tokens], out)
+
+
+def _segmented(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
+    """One gather of x into the plan's segment layout, each group's GEMMs writing its rows of
+    one output buffer, one scatter-add into y: three ops besides the GEMMs, whatever the
+    number of groups."""
+    if plan.gather is None:
+        xs = x.contiguous()
+    else:
+        xs = (F.pad(x, (0, 0, 0, 1)) if plan.padded else x).index_select(0, plan.gather)
+    outs = x.new_empty(xs.shape[0], w.d_out)
+    for g in plan.groups:
+        a, b = _group_rows(w, g)
+        r, xg, og = g.rank, xs[g.pos], outs[g.pos]
+        if g.width:
+            k, m, n = g.num_adapters, g.width, g.num_adapters * g.width
+            h = torch.bmm(xg[:n].view(k, m, w.d_in), a.view(k, r, w.d_in).transpose(1, 2))
+            torch.bmm(h, b.view(k, r, w.d_out), out=og[:n].view(k, m, w.d_out))
+        for j, lo, hi in g.overflow:
+            torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r], out=og[lo:hi])
+    if plan.dest is None:
+        y += outs
+    else:
+        y.index_add_(0, plan.dest, outs)
 
 
 def _dense(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan) -> None:
@@ -195,8 +203,10 @@ def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Ten
     if plan.num_active:
         if plan.dense:
             _dense(y, x, w, meta, plan)
+        elif _use_grouped_mm(x, w):
+            _grouped_mm(y, x, w, plan)
         else:
-            _grouped(y, x, w, plan)
+            _segmented(y, x, w, plan)
     if w.bias is not None and meta.valid_idx.numel():
         if meta.all_valid:
             y += w.bias.index_select(0, meta.slots)

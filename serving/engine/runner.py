@@ -31,6 +31,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.slots = LoraSlots(self.shape, dtype, self.device, max_num_seqs)
+        # The LoRA operator picks its per-group path for a typical module width.
+        dims = self.shape.module_dims().values()
+        self.lora_cost_dim = sum(i + o for i, o in dims) // len(dims)
         # Tests and debugging: request id -> logits of every position it computed.
         self.capture: dict[str, list[torch.Tensor]] | None = None
 
@@ -77,7 +80,8 @@ class ModelRunner:
             for seq, n in batch.prefills:
                 slots.extend([slot_of.get(seq.adapter, -1)] * n)
             slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
-            lora_meta = LoraBatchMeta.build(slots, self.slots.ranks, self.device)
+            lora_meta = LoraBatchMeta.build(slots, self.slots.ranks, self.device,
+                                            cost_dim=self.lora_cost_dim)
             lora = LoraContext(lora_meta, self.slots.weights)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)
