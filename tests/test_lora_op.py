@@ -163,7 +163,7 @@ def test_cpu_batches_decode_and_gives_long_segments_their_own_gemms(monkeypatch)
         assert not plan.dense and len(plan.groups) == 1
         g = plan.groups[0]
         assert g.width == width and [j for j, _, _ in g.overflow] == overflow
-        assert g.num_positions == len(slots) and not plan.padded
+        assert g.num_positions == len(slots) and plan.pad_rows is None
         x = torch.randn(len(slots), D_IN)
         torch.testing.assert_close(lora_delta(x, w, meta).double(),
                                    _reference(x, slots, _adapters(ranks)), atol=1e-5, rtol=1e-5)
@@ -176,7 +176,7 @@ def test_short_adapters_are_padded_to_the_batched_width():
     slots = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 5, -1])  # widths 1 and 2: pad the 1s
     meta = LoraBatchMeta.build(slots, ranks)
     g = meta.plan(tuple(ranks)).groups[0]
-    assert g.width == 2 and not g.overflow and meta.plan(tuple(ranks)).padded
+    assert g.width == 2 and not g.overflow and meta.plan(tuple(ranks)).pad_rows is not None
     x = torch.randn(len(slots), D_IN)
     y0 = torch.randn(len(slots), D_OUT)
     y = apply_lora(y0.clone(), x, pack_lora_weights(adapters), meta)
@@ -272,3 +272,17 @@ def test_packed_b_is_column_major_without_changing_values():
     torch.testing.assert_close(w.B, torch.cat([adapters[0][1], adapters[1][1]], dim=1))
     direct = LoraWeights(w.A, w.B.contiguous(), None, (8, 4))  # row-major input is re-laid
     assert direct.B.T.is_contiguous() and torch.equal(direct.B, w.B)
+
+
+def test_bare_tokens_after_an_in_order_layout_get_nothing():
+    """Adapter tokens already in layout order, bare tokens after them: the layout covers fewer
+    rows than x, so it still needs its gather and scatter (nothing may land on bare rows)."""
+    adapters = _adapters([64, 64])
+    slots = torch.tensor([0, 1, -1, -1])
+    meta = LoraBatchMeta.build(slots, [64, 64])
+    plan = meta.plan((64, 64))
+    assert not plan.dense and plan.gather is not None
+    x = torch.randn(len(slots), D_IN)
+    delta = lora_delta(x, pack_lora_weights(adapters), meta)
+    assert bool((delta[2:] == 0).all())
+    torch.testing.assert_close(delta.double(), _reference(x, slots, adapters), atol=1e-5, rtol=1e-5)

@@ -120,11 +120,12 @@ class Plan:
     groups: list[RankGroup]
     skip: frozenset[int] = frozenset()
     # Segment layout of the per-group paths (cpu): row p of the layout is token gather[p] of
-    # x (x's row count = a zero padding row) and adds into row dest[p] of y (padding rows add
-    # exact zeros to row 0). None when the layout is the sorted order itself.
+    # x and adds into row dest[p] of y; padding rows (``pad_rows``) gather token 0 and are
+    # zeroed, so they add exact zeros to row 0. gather/dest are None when the layout is the
+    # token order itself.
     gather: Tensor | None = None
     dest: Tensor | None = None
-    padded: bool = False  # the layout has zero padding rows (x needs its zero row)
+    pad_rows: Tensor | None = None
     # Dense path: True where span row j is another slot's and must be zeroed for token t
     # ([T, span rows]); None when every token owns every row (one adapter, no bare tokens).
     _zero_mask: Tensor | None = None
@@ -234,23 +235,18 @@ class LoraBatchMeta:
 
     def _segments(self, plan: Plan, order: Tensor) -> None:
         """Lay every group's tokens out for its GEMMs (Plan.gather / dest)."""
-        pad = self.num_tokens  # the zero row appended to x
-        gather, dest, pos = [], [], 0
+        gather, pads, pos = [], [], 0
         for g in plan.groups:
             source, _ = g.lay_out(self.cost_dim)
-            toks = order[g.tokens]
-            real = source >= 0
-            src = torch.where(real, toks[source.clamp(min=0)], pad)
-            dest.append(torch.where(real, src, 0))
-            gather.append(src)
+            pads.append((source < 0).nonzero().squeeze(1) + pos)
+            gather.append(torch.where(source >= 0, order[g.tokens][source.clamp(min=0)], 0))
             g.pos = slice(pos, pos + g.num_positions)
             pos += g.num_positions
-        padded = pos != plan.num_active
-        src = torch.cat(gather)
-        if padded or not plan.identity or not bool((src == torch.arange(pos)).all()):
-            plan.gather = src.to(self.device)
-            plan.dest = torch.cat(dest).to(self.device)
-        plan.padded = padded
+        src, pad_rows = torch.cat(gather), torch.cat(pads)
+        if pos != self.num_tokens or not bool((src == torch.arange(pos)).all()):
+            plan.gather = plan.dest = src.to(self.device)
+        if pad_rows.numel():
+            plan.pad_rows = pad_rows.to(self.device)
 
     def zero_mask(self, plan: Plan) -> Tensor | None:
         """Dense path mask: True where a token's span row of x @ A^T belongs to another slot."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,8 @@ class LoraWeights:
     # Slots whose rows are kept (zero) but whose adapter does not target this module: the
     # persistent slot buffers (lora_slots.py) fix the row layout, so rank cannot say it.
     skip: frozenset[int] = frozenset()
+    # Batched views of row ranges (lora_op._batched_rows); the buffers are written in place.
+    views: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.ranks = tuple(int(r) for r in self.ranks)
@@ -141,6 +143,23 @@ def _group_rows(w: LoraWeights, g: RankGroup) -> tuple[Tensor, Tensor]:
     return w.A.index_select(0, g.rows), bt.index_select(0, g.rows)
 
 
+def _batched_rows(w: LoraWeights, g: RankGroup) -> tuple[Tensor, Tensor]:
+    """The group's A^T [k, d_in, r] and B^T [k, r, d_out] as batches over its slots, cached on
+    the weights: slot buffers persist across steps, and a step's groups mostly span the same
+    slots as the last one's, so the views are built once rather than per module per step."""
+    key = (g.rows.start, g.rows.stop, g.rank) if isinstance(g.rows, slice) else None
+    hit = w.views.get(key) if key is not None else None
+    if hit is None:
+        a, b = _group_rows(w, g)
+        k, r = g.num_adapters, g.rank
+        hit = a.view(k, r, w.d_in).transpose(1, 2), b.view(k, r, w.d_out)
+        if key is not None:
+            if len(w.views) >= 64:  # spans drift as batches churn: keep the recent ones
+                w.views.clear()
+            w.views[key] = hit
+    return hit
+
+
 def _grouped_mm(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
     """Tokens in sorted order; one grouped GEMM pair per rank group (two plain GEMMs for a
     group with one live adapter)."""
@@ -169,17 +188,22 @@ def _segmented(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
     if plan.gather is None:
         xs = x.contiguous()
     else:
-        xs = (F.pad(x, (0, 0, 0, 1)) if plan.padded else x).index_select(0, plan.gather)
+        xs = x.index_select(0, plan.gather)
+        if plan.pad_rows is not None:
+            xs.index_fill_(0, plan.pad_rows, 0)
     outs = x.new_empty(xs.shape[0], w.d_out)
     for g in plan.groups:
-        a, b = _group_rows(w, g)
         r, xg, og = g.rank, xs[g.pos], outs[g.pos]
         if g.width:
             k, m, n = g.num_adapters, g.width, g.num_adapters * g.width
-            h = torch.bmm(xg[:n].view(k, m, w.d_in), a.view(k, r, w.d_in).transpose(1, 2))
-            torch.bmm(h, b.view(k, r, w.d_out), out=og[:n].view(k, m, w.d_out))
-        for j, lo, hi in g.overflow:
-            torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r], out=og[lo:hi])
+            a_t, b = _batched_rows(w, g)
+            h = torch.bmm(xg[:n].view(k, m, w.d_in), a_t)
+            torch.bmm(h, b, out=og[:n].view(k, m, w.d_out))
+        if g.overflow:
+            a, b = _group_rows(w, g)
+            for j, lo, hi in g.overflow:
+                torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r],
+                         out=og[lo:hi])
     if plan.dest is None:
         y += outs
     else:
