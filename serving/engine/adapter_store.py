@@ -2,7 +2,9 @@
 
 LoRA, MoS and Hydra all reduce to per-module (A [r, d_in], B [d_out, r] with the scaling
 folded in, optional bias [d_out]). Each adapter is kept as one flat tensor plus a layout,
-which is exactly what gets copied into pool pages when it becomes resident.
+which is exactly what gets copied into pool pages when it becomes resident. B is stored
+transposed (B^T [r, d_out] contiguous), the orientation the operator's slot buffers keep, so
+loading an adapter into a slot is a plain copy of rows.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def unpack(flat: torch.Tensor, s: Slice) -> tuple[torch.Tensor, torch.Tensor, to
     a_end = s.offset + s.rank * s.d_in
     b_end = a_end + s.d_out * s.rank
     A = flat[s.offset:a_end].view(s.rank, s.d_in)
-    B = flat[a_end:b_end].view(s.d_out, s.rank)
+    B = flat[a_end:b_end].view(s.rank, s.d_out).T  # stored as B^T
     bias = flat[b_end:b_end + s.d_out] if s.has_bias else None
     return A, B, bias
 
@@ -88,7 +90,7 @@ def build_host_adapter(
                 f"adapter {name!r}: layers.{layer}.{module} has A {tuple(A.shape)}, "
                 f"B {tuple(B.shape)}; the base needs A (r, {d_in}) and B ({d_out}, r)"
             )
-        tensors = [A, B] + ([bias] if bias is not None else [])
+        tensors = [A, B.T] + ([bias] if bias is not None else [])
         for t in tensors:
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise AdapterError(f"adapter {name!r}: layers.{layer}.{module} has "

@@ -99,7 +99,10 @@ class UnifiedPool:
         self.storage.index_copy_(0, index, buf.view(len(pages), self.page_elems))
 
     def read_flat(self, pages: list[int]) -> torch.Tensor:
-        """Gather ``pages`` back into one flat tensor (a copy of just these pages)."""
+        """``pages`` as one flat tensor, read-only: a view when they are consecutive (pages are
+        handed out lowest first, so an adapter's usually are), else a copy of just these."""
+        if pages and pages == list(range(pages[0], pages[0] + len(pages))):
+            return self.storage[pages[0]:pages[-1] + 1].view(-1)
         index = torch.tensor(pages, device=self.storage.device)
         return self.storage.index_select(0, index).view(-1)
 
