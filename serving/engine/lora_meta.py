@@ -84,22 +84,18 @@ class RankGroup:
                 + 2 * len(over) * LAUNCH_MACS
 
         self.width = w = min(sorted({0, *self.counts}), key=cost)
-        k = self.num_adapters
-        where = [0] * self.num_tokens  # layout position of each sorted token
-        nxt, start, self.overflow = k * w, 0, []
-        for j, c in enumerate(self.counts):
-            for i in range(min(c, w)):
-                where[start + i] = j * w + i
-            if c > w:
-                self.overflow.append((j, nxt, nxt + c - w))
-                for i in range(w, c):
-                    where[start + i] = nxt + i - w
-                nxt += c - w
-            start += c
-        source = torch.full((nxt,), -1, dtype=torch.long)
-        where_t = torch.tensor(where, dtype=torch.long)
-        source[where_t] = torch.arange(self.num_tokens)
-        return source, where_t
+        k, n = self.num_adapters, self.num_tokens
+        counts = torch.tensor(self.counts)
+        member = torch.repeat_interleave(torch.arange(k), counts)  # of each sorted token
+        i = torch.arange(n) - (counts.cumsum(0) - counts)[member]  # its index in its member
+        over = (counts - w).clamp(min=0)
+        over_start = k * w + over.cumsum(0) - over
+        where = torch.where(i < w, member * w + i, over_start[member] + i - w)
+        self.overflow = [(j, int(over_start[j]), int(over_start[j] + over[j]))
+                         for j in over.nonzero().squeeze(1).tolist()]
+        source = torch.full((k * w + int(over.sum()),), -1, dtype=torch.long)
+        source[where] = torch.arange(n)
+        return source, where
 
     @property
     def num_positions(self) -> int:
@@ -169,13 +165,11 @@ class LoraBatchMeta:
         device = torch.device(device) if device is not None else torch.device("cpu")
         counts = torch.bincount(host + 1, minlength=k + 1)[1:].tolist()
         valid = (host >= 0).nonzero().squeeze(1)
-        meta = cls(
+        return cls(
             slots=host.to(device), ranks=ranks, device=device, counts=counts,
             valid_idx=valid.to(device), valid_slots=host[valid].to(device),
             all_valid=valid.numel() == host.numel(), _slots_host=host, cost_dim=cost_dim,
         )
-        meta.plan(ranks)
-        return meta
 
     def plan(self, ranks: Sequence[int], skip: frozenset[int] = frozenset()) -> Plan:
         """``skip``: slots whose rows exist but are zero for this module (tokens pass bare)."""
