@@ -92,6 +92,11 @@ class UnifiedPool:
 
     def write_flat(self, pages: list[int], flat: torch.Tensor) -> None:
         """Store a flat tensor across ``pages`` (the last page is zero-padded)."""
+        if pages and pages == list(range(pages[0], pages[0] + len(pages))):  # in place
+            dst = self.storage[pages[0]:pages[-1] + 1].view(-1)
+            dst[:flat.numel()] = flat.reshape(-1)
+            dst[flat.numel():] = 0
+            return
         buf = torch.zeros(len(pages) * self.page_elems, dtype=self.storage.dtype,
                           device=self.storage.device)
         buf[: flat.numel()] = flat.reshape(-1).to(buf)
