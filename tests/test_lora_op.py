@@ -130,7 +130,7 @@ def test_dispatch_with_grouped_mm(monkeypatch):
     monkeypatch.setattr(lora_op, "FORCE_GROUPED_MM", True)  # as on CUDA bf16 sm90+
     calls = _spy(monkeypatch)
     slots = torch.tensor([0, 1, 1, -1, 2])
-    small = pack_lora_weights(_adapters([8, 16, 8]))  # sum_r 32: dense
+    small = pack_lora_weights(_adapters([8, 8, 8]))  # one rank group, sum_r 24: dense
     one = pack_lora_weights(_adapters([0, 64, 0]))  # one adapter, 2 of 5 tokens: waste 2.5x
     big = pack_lora_weights(_adapters([64, 32, 64]))  # sum_r 160: grouped, two rank groups
     meta = LoraBatchMeta.build(slots, [64, 32, 64])

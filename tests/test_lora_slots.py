@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
+from serving.engine import lora_slots
 from serving.engine.adapter_store import build_host_adapter
 from serving.engine.layout import TARGET_MODULES, ModelShape
 from serving.engine.lora_op import LoraBatchMeta, lora_delta, pack_lora_weights
@@ -58,7 +60,13 @@ def _slots_delta(slots: LoraSlots, adapters, token_names, x_by_key):
     return {key: lora_delta(x, slots.weights[key], meta) for key, x in x_by_key.items()}
 
 
-def test_matches_per_step_packing_through_churn_growth_and_replacement():
+@pytest.fixture(params=[False, True], ids=["empty", "nan-poisoned"])
+def poison(request, monkeypatch):
+    """Fresh store rows hold NaN: a read of capacity no adapter wrote shows in the deltas."""
+    monkeypatch.setattr(lora_slots, "POISON", request.param)
+
+
+def test_matches_per_step_packing_through_churn_growth_and_replacement(poison):
     rng = random.Random(0)
     pool = [_adapter(f"r{r}-{i}", r, seed=r * 100 + i) for r in (8, 4, 2) for i in range(6)]
     pool.append(_adapter("qv-only", 4, seed=7, modules=("q_proj", "v_proj")))
@@ -79,6 +87,7 @@ def test_matches_per_step_packing_through_churn_growth_and_replacement():
         for k in keys:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-4)
     assert slots.relayouts >= 2  # bins were created and grew, contents carried over
+    assert 0 < slots.relayouts_in_place < slots.relayouts  # blocks moved within the stores
 
 
 def test_steady_batch_copies_nothing_and_lru_replaces_idle_slots():
@@ -112,3 +121,15 @@ def test_a_step_wider_than_the_bin_cap_is_refused():
         assert "more than 2 adapters of rank 4" in str(exc)
     else:
         raise AssertionError("expected a refusal")
+
+
+def test_cpu_bins_start_at_their_cap_and_only_written_slots_count():
+    """On CPU a bin's capacity is untouched address space until an adapter takes a slot: a bin
+    never grows (no relayout per growth), and memory counts only the slots written."""
+    slots = LoraSlots(SHAPE, torch.float32, "cpu", max_slots_per_bin=8)
+    adapters = [_adapter(f"x{i}", 4, seed=i) for i in range(6)]
+    slots.assign(adapters[:2], lambda a: a.flat)
+    one = slots.nbytes
+    slots.assign(adapters, lambda a: a.flat)
+    assert slots.relayouts == 1 and len(slots.ranks) == 8
+    assert slots.nbytes == 3 * one  # 6 slots written of 8

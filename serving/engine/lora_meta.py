@@ -220,7 +220,10 @@ class LoraBatchMeta:
         # from the first live slot to the last.
         rows = slice(row_start[live[0]], row_start[live[-1] + 1]) if live else slice(0, 0)
         sum_r, exact = rows.stop - rows.start, sum(counts[s] * ranks[s] for s in live)
-        dense = sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact
+        # One rank group only: the span then lies between live slots of one bin, whose rows are
+        # all written (lora_slots.py leaves a bin's capacity past its last used slot untouched).
+        dense = len(groups) <= 1 and (
+            sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact)
         plan = Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
                     order=order.to(self.device), identity=identity, groups=groups, skip=skip)
         if not dense:

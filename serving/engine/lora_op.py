@@ -7,8 +7,9 @@ slot) once per step (lora_meta.py), so each distinct rank is a group of adapters
 one view. Per module and step, on the host, with no device sync:
 
 - whole-plan dense: h = x @ A_span^T over the rows of all live slots, zero the rows of other
-  slots, y += h @ B_span^T. Two plain GEMMs, no gather or scatter; taken when the rows are few
-  (sum_r <= 32) or nearly all used (T * sum_r <= 1.25 * sum_t r_t: in practice one adapter).
+  slots, y += h @ B_span^T. Two plain GEMMs, no gather or scatter; taken for one rank group
+  when its rows are few (sum_r <= 32) or nearly all used (T * sum_r <= 1.25 * sum_t r_t: in
+  practice one adapter).
 - otherwise per rank group (the only Python loop is over distinct ranks, plus over adapters
   with overflowing tokens): ``grouped_mm`` where it is one native kernel (CUDA bf16, sm90+).
   Elsewhere (``_segmented``) one gather lays the tokens out by group (lora_meta.RankGroup.

@@ -13,10 +13,15 @@ one to the last, idle ones too), then an empty one, then the least recently used
 
 An adapter takes a slot in the bin of its largest rank. A module where it has a smaller rank is
 zero padded inside its own slot (never to the batch's largest rank); a module it does not target
-is zero and listed in that module's ``skip`` set, so its tokens pass that module bare. A bin
-grows by doubling up to ``max_slots_per_bin`` (the most adapters of one rank a step can hold is
-the scheduler's sequence cap); the bins a step creates or grows cost one relayout, a copy of
-each old bin's block of rows.
+is zero and listed in that module's ``skip`` set, so its tokens pass that module bare.
+
+A bin holds up to ``max_slots_per_bin`` slots (the most adapters of one rank a step can hold is
+the scheduler's sequence cap). A slot's rows are first written when an adapter takes it, and
+the operator never reads past a bin's last used slot, so capacity costs nothing until used: on
+CPU, where untouched memory is only address space (and a first touch costs a page fault per
+4 KiB, far more than a copy), a bin starts at its cap; on a device, where memory is real, it
+starts small and doubles. The bins a step creates or grows cost one relayout: a copy of each
+old bin's written rows, within the store's headroom when it fits.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class _Bin:
     rank: int
     owners: list[HostAdapter | None]
     last_used: list[int] = field(default_factory=list)
+    written: int = 0  # slots [0, written) have defined rows; the rest were never touched
 
     @property
     def cap(self) -> int:
@@ -47,11 +53,15 @@ class LoraSlots:
     """``assign`` gives the step's adapters slots; ``weights`` is what LoraContext reads."""
 
     def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device | str,
-                 max_slots_per_bin: int, initial_slots: int = 4) -> None:
+                 max_slots_per_bin: int, initial_slots: int | None = None) -> None:
         self.shape = shape
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_slots_per_bin = max(1, max_slots_per_bin)
+        if initial_slots is None:
+            # On CPU capacity no adapter has used is untouched address space (see _relayout),
+            # so a bin starts at its cap and never grows; device memory is real: start small.
+            initial_slots = self.max_slots_per_bin if self.device.type == "cpu" else 4
         self.initial_slots = max(1, min(initial_slots, self.max_slots_per_bin))
         self._bins: dict[int, _Bin] = {}
         self._where: dict[str, tuple[int, int]] = {}  # adapter name -> (bin rank, index)
@@ -62,7 +72,10 @@ class LoraSlots:
         self._caps: dict[int, int] = {}  # bin rank -> its slots in the current buffers
         self._rows: list[int] = [0]  # global slot -> its first row (and the total at the end)
         self.copies = 0  # adapters copied into a slot (the work a per-step pack would redo)
-        self.relayouts = 0  # bin growths (one-off buffer copies)
+        self.relayouts = 0  # bin creations and growths (one-off block copies)
+        self.relayouts_in_place = 0  # of those, the ones the stores' headroom held
+        # (A, B^T) store of each module: the buffers are views of its first rows.
+        self._stores: dict[ModuleKey, tuple[Tensor, Tensor]] = {}
 
     # -- slots ------------------------------------------------------------------------------
     def assign(self, adapters: Sequence[HostAdapter],
@@ -149,49 +162,83 @@ class LoraSlots:
 
     # -- buffers ----------------------------------------------------------------------------
     def _relayout(self) -> None:
-        """New buffers for the new bin sizes, each old bin's block of rows carried over whole.
+        """Lay the bins out again for their new sizes, each bin's written slots carried over.
 
-        A bin only ever grows at its end, so its slots keep their indices: one copy per bin and
-        buffer, not one per slot.
+        A bin only ever grows at its end and never moves towards the start, so its slots keep
+        their indices: one copy per bin and buffer, not one per slot. Each buffer is a view of
+        the first rows of an uninitialised store with headroom, and a slot's rows are first
+        written when an adapter takes it (``_write``): fresh memory costs a page fault per
+        4 KiB on first touch, far more than a copy, so capacity no adapter has used yet costs
+        nothing, and most relayouts move blocks within the store.
         """
-        old_weights, old_first, old_rows = self.weights, self._first, self._rows
-        old_cap = self._caps
+        old_first, old_rows = self._first, self._rows
         self._first, off = {}, 0
         for b in self._order():
             self._first[b.rank], off = off, off + b.cap
-        self._caps = {b.rank: b.cap for b in self._bins.values()}
         self.ranks = tuple(b.rank for b in self._order() for _ in range(b.cap))
         self._rows = rows = _row_starts(self.ranks)
-        # (old first slot, new first slot, slots, rank) of each bin that existed before.
-        blocks = [(old_first[r], self._first[r], cap, r) for r, cap in old_cap.items()]
+        # (old first row, new first row, written rows) of each bin that existed, last first:
+        # blocks only move towards the end, so the last one moving first overwrites no source.
+        blocks = sorted(((old_rows[old_first[b.rank]], rows[self._first[b.rank]],
+                          b.written * b.rank) for b in self._bins.values()
+                         if b.rank in old_first and b.written), reverse=True)
+        # On CPU untouched memory is only address space: reserve what these bins can grow to.
+        # Device memory is real, so there a store is only as large as its layout.
+        reserve = self.max_slots_per_bin * sum(self._bins) if self.device.type == "cpu" else 0
         dims = self.shape.module_dims()
         new: dict[ModuleKey, LoraWeights] = {}
+        in_place = True
         for layer in range(self.shape.num_layers):
             for module in TARGET_MODULES:
                 d_in, d_out = dims[module]
                 key = (layer, module)
-                prev = old_weights.get(key)
-                A = torch.zeros(rows[-1], d_in, dtype=self.dtype, device=self.device)
-                Bt = torch.zeros(rows[-1], d_out, dtype=self.dtype, device=self.device)
+                prev = self.weights.get(key)
+                stores = self._stores.get(key)
+                if stores is None or stores[0].shape[0] < rows[-1]:
+                    in_place = False
+                    size = max(rows[-1], reserve, HEADROOM * stores[0].shape[0] if stores else 0)
+                    try:
+                        grown = tuple(_fresh(size, d, self.dtype, self.device)
+                                      for d in (d_in, d_out))
+                    except RuntimeError:  # no room for the reserve (strict overcommit)
+                        grown = tuple(_fresh(rows[-1], d, self.dtype, self.device)
+                                      for d in (d_in, d_out))
+                    for old_lo, lo, n in blocks if stores else ():
+                        for g, o in zip(grown, stores, strict=True):
+                            g[lo:lo + n] = o[old_lo:old_lo + n]
+                    stores = self._stores[key] = grown
+                else:
+                    for old_lo, lo, n in blocks:
+                        for o in stores:
+                            _move_rows(o, old_lo, lo, n)
                 bias = None
                 if prev is not None and prev.bias is not None:
                     bias = torch.zeros(len(self.ranks), d_out, dtype=self.dtype,
                                        device=self.device)
                 skip = set(range(len(self.ranks)))
-                for o, n, cap, rank in blocks if prev is not None else ():
-                    src, dst, size = old_rows[o], rows[n], cap * rank
-                    A[dst:dst + size] = prev.A[src:src + size]
-                    Bt[dst:dst + size] = prev.B.T[src:src + size]
+                for b in self._bins.values() if prev is not None else ():
+                    if b.rank not in old_first:
+                        continue
+                    o, n = old_first[b.rank], self._first[b.rank]
                     if bias is not None:
-                        bias[n:n + cap] = prev.bias[o:o + cap]
-                    skip -= {n + i for i in range(cap) if o + i not in prev.skip}
+                        bias[n:n + b.written] = prev.bias[o:o + b.written]
+                    skip -= {n + i for i in range(b.written) if o + i not in prev.skip}
+                A, Bt = (o[:rows[-1]] for o in stores)
                 new[key] = LoraWeights(A=A, B=Bt.T, bias=bias, ranks=self.ranks,
                                        skip=frozenset(skip))
         self.weights = new
         self.relayouts += 1
+        self.relayouts_in_place += in_place
 
     def _write(self, adapter: HostAdapter, slot: int, rank: int, flat: Tensor) -> None:
-        row = self._rows[slot]
+        b, row = self._bins[rank], self._rows[slot]
+        index = slot - self._first[rank]
+        if index > b.written:  # slots it skipped over join a span's rows: define them
+            lo = self._rows[self._first[rank] + b.written]
+            for w in self.weights.values():
+                w.A[lo:row].zero_()
+                w.B.T[lo:row].zero_()
+        b.written = max(b.written, index + 1)
         for key, w in self.weights.items():
             s = adapter.layout.get(key)
             bt = w.B.T
@@ -219,11 +266,43 @@ class LoraSlots:
     # -- reporting --------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.weights.values()
-                   for t in (w.A, w.B, w.bias) if t is not None)
+        """Memory the slot buffers hold: on CPU the written slot rows (capacity no adapter has
+        used is untouched address space), on a device the whole stores."""
+        if self.device.type != "cpu":
+            return sum(t.numel() * t.element_size() for pair in self._stores.values()
+                       for t in pair) + sum(w.bias.numel() * w.bias.element_size()
+                                            for w in self.weights.values() if w.bias is not None)
+        per_row = sum(i + o for i, o in self.shape.module_dims().values()) * self.shape.num_layers
+        rows = sum(b.written * b.rank for b in self._bins.values())
+        bias = sum(w.bias.numel() for w in self.weights.values() if w.bias is not None)
+        return (rows * per_row + bias) * torch.empty(0, dtype=self.dtype).element_size()
 
     def slots_in_use(self) -> int:
         return sum(o is not None for b in self._bins.values() for o in b.owners)
+
+
+# A store that overflows is replaced by one this many times larger (on CPU its unused rows
+# cost no memory until written). Tests set POISON to fill fresh stores with NaN: a read of
+# rows no adapter wrote then shows in the results.
+HEADROOM = 2
+POISON = False
+
+
+def _fresh(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON:
+        return torch.full((rows, cols), float("nan"), dtype=dtype, device=device)
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+def _move_rows(t: Tensor, src: int, dst: int, n: int) -> None:
+    """t[dst:dst + n] = t[src:src + n] for dst >= src, without a temporary: in chunks of the
+    shift, last chunk first, so a chunk only lands on rows already moved."""
+    step = dst - src
+    hi = n if step else 0
+    while hi > 0:
+        lo = max(hi - step, 0)
+        t[dst + lo:dst + hi] = t[src + lo:src + hi]
+        hi = lo
 
 
 def _row_starts(ranks: Sequence[int]) -> list[int]:
