@@ -9,7 +9,7 @@ from its pool pages once, when it first needs a slot. It keeps the slot until an
 needs it, so a steady decode batch copies nothing, and a batch whose membership changes copies
 only the adapters that joined. A joining adapter takes an idle slot inside the span of the
 step's slots before one outside it (the operator reads every slot's weights from the first live
-one to the last, idle ones too), then an empty one, then the least recently used.
+one to the last, idle ones too), and a slot written before over a never-used one.
 
 An adapter takes a slot in the bin of its largest rank. A module where it has a smaller rank is
 zero padded inside its own slot (never to the batch's largest rank); a module it does not target
@@ -148,13 +148,16 @@ class LoraSlots:
     def _free_slot(self, rank: int, wanted: set[str], live: set[int]) -> int:
         """A slot for a new adapter of the bin (``_reserve`` made room): one that does not widen
         the span of the step's slots (the operator reads every slot's weights from the first
-        live one to the last), then an empty one, then the least recently used idle one."""
+        live one to the last), then one written before (a first write faults its memory in,
+        which costs more than evicting an idle adapter's copy), then an empty one, then the
+        least recently used idle one."""
         b = self._bins[rank]
         free = [i for i, owner in enumerate(b.owners) if owner is None or owner.name not in wanted]
         lo, hi = (min(live), max(live)) if live else (0, b.cap)
 
         def cost(i: int) -> tuple:
-            return max(0, lo - i, i - hi), b.owners[i] is not None, b.last_used[i], i
+            return (max(0, lo - i, i - hi), i >= b.written, b.owners[i] is not None,
+                    b.last_used[i], i)
         return min(free, key=cost)
 
     def _order(self) -> list[_Bin]:
