@@ -18,9 +18,9 @@ from torch import Tensor
 
 # Dense path ("shrink all rows, then mask") costs T * sum_r MACs per d where the grouped path
 # costs sum over tokens of r_token, but it is two plain GEMMs with no gather, scatter or per-rank
-# launches. Take it when its waste is nil (one adapter: ratio ~1, bare tokens aside) or the
-# whole thing is tiny. Measured with bench/lora_op.py shapes on CPU: dense wins for k = 1 and
-# sum_r <= 32, loses from about 3x waste (k = 3 ranks 32/16/8) upward.
+# launches. Take it, for a single rank group, when its waste is nil (one adapter: ratio ~1,
+# bare tokens aside) or the whole thing is tiny. Measured with bench/lora_op.py shapes on CPU:
+# dense wins for k = 1 and sum_r <= 32, loses from about 3x waste upward.
 DENSE_MAX_SUM_RANK = 32
 DENSE_MAX_WASTE = 1.25
 # Cost model of the per-group paths (lora_op.py), in multiply-adds: one extra kernel launch
@@ -65,15 +65,15 @@ class RankGroup:
             lo += c
         return out
 
-    def lay_out(self, cost_dim: int) -> tuple[Tensor, Tensor]:
+    def lay_out(self, cost_dim: int) -> Tensor:
         """Choose ``width`` by cost (LAUNCH_MACS, READ_MACS) and lay the tokens out for it.
 
         The batched pair multiplies every member's weights by ``width`` rows, padding included,
         in two launches; each overflowing member costs its extra tokens and two launches.
         Decode (a token or two per adapter) wants width 1 or 2; a long prefill segment beside
         decode tokens overflows rather than padding every member to its length; width 0 is a
-        GEMM pair per member. Returns (position -> index into the group's sorted tokens, or -1
-        for padding; position of each sorted token).
+        GEMM pair per member. Returns, for each layout position, the index into the group's
+        sorted tokens (-1 for padding).
         """
         weights = self.rank * cost_dim  # per member
 
@@ -95,7 +95,7 @@ class RankGroup:
                          for j in over.nonzero().squeeze(1).tolist()]
         source = torch.full((k * w + int(over.sum()),), -1, dtype=torch.long)
         source[where] = torch.arange(n)
-        return source, where
+        return source
 
     @property
     def num_positions(self) -> int:
@@ -116,11 +116,9 @@ class Plan:
     groups: list[RankGroup]
     skip: frozenset[int] = frozenset()
     # Segment layout of the per-group paths (cpu): row p of the layout is token gather[p] of
-    # x and adds into row dest[p] of y; padding rows (``pad_rows``) gather token 0 and are
-    # zeroed, so they add exact zeros to row 0. gather/dest are None when the layout is the
-    # token order itself.
+    # x and adds into that row of y; padding rows (``pad_rows``) gather token 0 and are zeroed,
+    # so they add exact zeros to row 0. gather is None when the layout is the token order.
     gather: Tensor | None = None
-    dest: Tensor | None = None
     pad_rows: Tensor | None = None
     # Dense path: True where span row j is another slot's and must be zeroed for token t
     # ([T, span rows]); None when every token owns every row (one adapter, no bare tokens).
@@ -234,14 +232,14 @@ class LoraBatchMeta:
         """Lay every group's tokens out for its GEMMs (Plan.gather / dest)."""
         gather, pads, pos = [], [], 0
         for g in plan.groups:
-            source, _ = g.lay_out(self.cost_dim)
+            source = g.lay_out(self.cost_dim)
             pads.append((source < 0).nonzero().squeeze(1) + pos)
             gather.append(torch.where(source >= 0, order[g.tokens][source.clamp(min=0)], 0))
             g.pos = slice(pos, pos + g.num_positions)
             pos += g.num_positions
         src, pad_rows = torch.cat(gather), torch.cat(pads)
         if pos != self.num_tokens or not bool((src == torch.arange(pos)).all()):
-            plan.gather = plan.dest = src.to(self.device)
+            plan.gather = src.to(self.device)
         if pad_rows.numel():
             plan.pad_rows = pad_rows.to(self.device)
 

@@ -205,10 +205,10 @@ def _segmented(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
             for j, lo, hi in g.overflow:
                 torch.mm(xg[lo:hi] @ a[j * r:(j + 1) * r].T, b[j * r:(j + 1) * r],
                          out=og[lo:hi])
-    if plan.dest is None:
+    if plan.gather is None:
         y += outs
     else:
-        y.index_add_(0, plan.dest, outs)
+        y.index_add_(0, plan.gather, outs)
 
 
 def _dense(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan) -> None:

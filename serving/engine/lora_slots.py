@@ -69,7 +69,6 @@ class LoraSlots:
         self.weights: dict[ModuleKey, LoraWeights] = {}
         self.ranks: tuple[int, ...] = ()
         self._first: dict[int, int] = {}  # bin rank -> its first global slot
-        self._caps: dict[int, int] = {}  # bin rank -> its slots in the current buffers
         self._rows: list[int] = [0]  # global slot -> its first row (and the total at the end)
         self.copies = 0  # adapters copied into a slot (the work a per-step pack would redo)
         self.relayouts = 0  # bin creations and growths (one-off block copies)
