@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from serving.engine import lora_meta  # noqa: E402
+from serving.engine import lora_meta, lora_op  # noqa: E402
 from serving.engine.lora_op import LoraBatchMeta, apply_lora, pack_lora_weights  # noqa: E402
 
 RANKS = (64, 32, 16, 8)
@@ -105,7 +105,7 @@ def run_case(workload, k, shape, args, dtype, rng) -> dict:
 
     t0 = time.perf_counter()  # host planning per step: the batch metadata and its plan
     meta = LoraBatchMeta.build(slots_list, ranks, dev, cost_dim=d_in + d_out)
-    meta.plan(tuple(ranks))
+    plan = meta.segments(meta.plan(tuple(ranks)))
     meta_ms = (time.perf_counter() - t0) * 1e3
     w = pack_lora_weights([(A, B, None) for A, B in adapters])
     Ap, Bp = padded_weights(adapters, max(ranks))
@@ -129,9 +129,13 @@ def run_case(workload, k, shape, args, dtype, rng) -> dict:
         check = (apply_lora(torch.zeros_like(y), x, w, meta)
                  - loop_baseline(torch.zeros_like(y), x, slots, adapters)).abs().max().item()
         ms = time_round_robin(fns, args.repeats, dev)
-    plan = meta.plan(w.ranks)
-    path = "dense" if plan.dense else "segmented " + " ".join(
-        f"r{g.rank}:w{g.width}+{len(g.overflow)}" for g in plan.groups)
+    if plan.dense:
+        path = "dense"
+    elif lora_op._use_grouped_mm(x, w):
+        path = f"grouped_mm x{len(plan.groups)}"
+    else:
+        path = "segmented " + " ".join(
+            f"r{g.rank}:w{g.width}+{len(g.overflow)}" for g in plan.groups)
     base = ms["base_gemm"]
     return {
         "T": T, "k": k, "shape": shape, "d_in": d_in, "d_out": d_out, "path": path,

@@ -159,7 +159,7 @@ def test_cpu_batches_decode_and_gives_long_segments_their_own_gemms(monkeypatch)
     prefill = torch.cat([torch.full((200,), 3), torch.arange(12)])
     for slots, width, overflow in ((decode, 2, []), (uneven, 2, [5]), (prefill, 1, [3])):
         meta = LoraBatchMeta.build(slots, ranks)
-        plan = meta.plan(tuple(ranks))
+        plan = meta.segments(meta.plan(tuple(ranks)))
         assert not plan.dense and len(plan.groups) == 1
         g = plan.groups[0]
         assert g.width == width and [j for j, _, _ in g.overflow] == overflow
@@ -175,8 +175,9 @@ def test_short_adapters_are_padded_to_the_batched_width():
     adapters = _adapters(ranks, bias=True)
     slots = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 5, -1])  # widths 1 and 2: pad the 1s
     meta = LoraBatchMeta.build(slots, ranks)
-    g = meta.plan(tuple(ranks)).groups[0]
-    assert g.width == 2 and not g.overflow and meta.plan(tuple(ranks)).pad_rows is not None
+    plan = meta.segments(meta.plan(tuple(ranks)))
+    g = plan.groups[0]
+    assert g.width == 2 and not g.overflow and plan.pad_rows is not None
     x = torch.randn(len(slots), D_IN)
     y0 = torch.randn(len(slots), D_OUT)
     y = apply_lora(y0.clone(), x, pack_lora_weights(adapters), meta)
@@ -280,7 +281,7 @@ def test_bare_tokens_after_an_in_order_layout_get_nothing():
     adapters = _adapters([64, 64])
     slots = torch.tensor([0, 1, -1, -1])
     meta = LoraBatchMeta.build(slots, [64, 64])
-    plan = meta.plan((64, 64))
+    plan = meta.segments(meta.plan((64, 64)))
     assert not plan.dense and plan.gather is not None
     x = torch.randn(len(slots), D_IN)
     delta = lora_delta(x, pack_lora_weights(adapters), meta)

@@ -120,6 +120,8 @@ class Plan:
     # so they add exact zeros to row 0. gather is None when the layout is the token order.
     gather: Tensor | None = None
     pad_rows: Tensor | None = None
+    _sorted: Tensor | None = None  # host copy of ``order``, for the layout
+    _segments_built: bool = False
     # Dense path: True where span row j is another slot's and must be zeroed for token t
     # ([T, span rows]); None when every token owns every row (one adapter, no bare tokens).
     _zero_mask: Tensor | None = None
@@ -222,26 +224,31 @@ class LoraBatchMeta:
         # all written (lora_slots.py leaves a bin's capacity past its last used slot untouched).
         dense = len(groups) <= 1 and (
             sum_r <= DENSE_MAX_SUM_RANK or host.numel() * sum_r <= DENSE_MAX_WASTE * exact)
-        plan = Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
-                    order=order.to(self.device), identity=identity, groups=groups, skip=skip)
-        if not dense:
-            self._segments(plan, order)
-        return plan
+        return Plan(ranks=ranks, sum_rank=sum_r, rows=rows, num_active=tok, dense=dense,
+                    order=order.to(self.device), identity=identity, groups=groups, skip=skip,
+                    _sorted=order)
 
-    def _segments(self, plan: Plan, order: Tensor) -> None:
-        """Lay every group's tokens out for its GEMMs (Plan.gather / dest)."""
+    def segments(self, plan: Plan) -> Plan:
+        """Lay every group's tokens out for the segmented path (Plan.gather, pad_rows, each
+        group's width and overflow), once per plan; the grouped_mm path never needs it."""
+        if plan._segments_built:
+            return plan
         gather, pads, pos = [], [], 0
         for g in plan.groups:
             source = g.lay_out(self.cost_dim)
             pads.append((source < 0).nonzero().squeeze(1) + pos)
-            gather.append(torch.where(source >= 0, order[g.tokens][source.clamp(min=0)], 0))
+            gather.append(torch.where(source >= 0, plan._sorted[g.tokens][source.clamp(min=0)],
+                                      0))
             g.pos = slice(pos, pos + g.num_positions)
             pos += g.num_positions
-        src, pad_rows = torch.cat(gather), torch.cat(pads)
-        if pos != self.num_tokens or not bool((src == torch.arange(pos)).all()):
-            plan.gather = src.to(self.device)
-        if pad_rows.numel():
-            plan.pad_rows = pad_rows.to(self.device)
+        if gather:
+            src, pad_rows = torch.cat(gather), torch.cat(pads)
+            if pos != self.num_tokens or not bool((src == torch.arange(pos)).all()):
+                plan.gather = src.to(self.device)
+            if pad_rows.numel():
+                plan.pad_rows = pad_rows.to(self.device)
+        plan._segments_built = True
+        return plan
 
     def zero_mask(self, plan: Plan) -> Tensor | None:
         """Dense path mask: True where a token's span row of x @ A^T belongs to another slot."""

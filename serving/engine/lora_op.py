@@ -182,10 +182,11 @@ def _grouped_mm(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
             y.index_add_(0, plan.order[g.tokens], out)
 
 
-def _segmented(y: Tensor, x: Tensor, w: LoraWeights, plan: Plan) -> None:
+def _segmented(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan) -> None:
     """One gather of x into the plan's segment layout, each group's GEMMs writing its rows of
     one output buffer, one scatter-add into y: three ops besides the GEMMs, whatever the
     number of groups."""
+    meta.segments(plan)
     if plan.gather is None:
         xs = x.contiguous()
     else:
@@ -231,7 +232,7 @@ def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Ten
         elif _use_grouped_mm(x, w):
             _grouped_mm(y, x, w, plan)
         else:
-            _segmented(y, x, w, plan)
+            _segmented(y, x, w, meta, plan)
     if w.bias is not None and meta.valid_idx.numel():
         if meta.all_valid:
             y += w.bias.index_select(0, meta.slots)
@@ -255,6 +256,8 @@ class LoraContext:
             plan = meta.plan(w.ranks, w.skip)
             if plan.dense:
                 meta.zero_mask(plan)
+            elif not _use_grouped_mm(w.A, w):  # the weights' device and dtype are x's
+                meta.segments(plan)
 
     def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
         w = self.weights.get((layer, module))
