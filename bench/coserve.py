@@ -53,7 +53,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from percentiles import pct  # noqa: E402
-from workload import AdapterBank, ModelSpec, Request, build_checkpoint, make_trace  # noqa: E402
+from workload import (  # noqa: E402
+    AdapterBank,
+    ModelSpec,
+    Record,
+    Request,
+    build_checkpoint,
+    make_trace,
+)
 
 from adapterhub.checkpoints import load_base  # noqa: E402
 from adapterhub.data import Record as DataRecord  # noqa: E402
@@ -85,16 +92,8 @@ def log(msg: str) -> None:
 
 
 @dataclass
-class Timing:
-    arrival: float
-    output_len: int
-    first: float | None = None
-    finish: float | None = None
-
-
-@dataclass
 class Side:
-    timings: list[Timing] = field(default_factory=list)
+    timings: list[Record] = field(default_factory=list)
     wall_s: float = 0.0
     ft_tokens: int = 0
     extra: dict = field(default_factory=dict)
@@ -164,7 +163,7 @@ def replay(engine: Engine, trace: list[Request], names: list[str | None],
     """Open-loop replay of ``trace``; with ``temporal`` the job's whole optimizer steps
     alternate with inference iterations (the job is then not attached to the engine).
     Requests still unfinished after ``max_wall_s`` are aborted and count as not completed."""
-    side = Side([Timing(r.arrival_s, r.output_len) for r in trace])
+    side = Side([Record(r.arrival_s, r.output_len) for r in trace])
     t0 = time.monotonic()
     arrivals = Arrivals(engine, trace, names, t0, side)
     arrivals.start()

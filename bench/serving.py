@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +53,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 from workload import (  # noqa: E402
     AdapterBank,
     ModelSpec,
+    Record,
     Request,
     add_peft_adapters,
     build_checkpoint,
@@ -85,16 +86,7 @@ def log(msg: str) -> None:
     print(f"[serving] {msg}", file=sys.stderr, flush=True)
 
 
-# -- per-request records and metrics ------------------------------------------------------------
-@dataclass
-class Record:
-    arrival: float
-    output_len: int
-    first: float | None = None
-    finish: float | None = None
-    tokens: list[int] = field(default_factory=list)
-
-
+# -- metrics of a side's per-request records (workload.Record) -----------------------------------
 def summarize(records: list[Record], wall_s: float, slo_s: float | None) -> dict:
     done = [r for r in records if r.finish is not None]
     ttft = [r.first - r.arrival for r in done]

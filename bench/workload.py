@@ -8,7 +8,7 @@ model weights, adapter weights, prompts, lengths and arrival times.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,17 @@ class Request:
 
     def adapter(self, n: int) -> int:
         return min(int(self.u * n), n - 1)
+
+
+@dataclass
+class Record:
+    """What a side measured of one request: seconds from the run's start."""
+
+    arrival: float
+    output_len: int
+    first: float | None = None
+    finish: float | None = None
+    tokens: list[int] = field(default_factory=list)
 
 
 def make_trace(num_requests: int, alpha: float, rate: float | None, cv: float,
