@@ -133,3 +133,27 @@ def test_cpu_bins_start_at_their_cap_and_only_written_slots_count():
     slots.assign(adapters, lambda a: a.flat)
     assert slots.relayouts == 1 and len(slots.ranks) == 8
     assert slots.nbytes == 3 * one  # 6 slots written of 8
+
+
+def test_refused_headroom_falls_back_to_a_store_the_size_of_the_layout(monkeypatch):
+    """Where memory for a store's headroom is refused, the store is sized to the layout and
+    serving goes on."""
+    real = lora_slots._fresh
+    sizes = []
+    layout_rows = 8 * 4 + 8 * 1  # two bins of 8 slots, ranks 4 and 1
+
+    def fresh(rows, cols, dtype, device):
+        sizes.append(rows)
+        if rows > layout_rows:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(rows, cols, dtype, device)
+
+    monkeypatch.setattr(lora_slots, "_fresh", fresh)
+    slots = LoraSlots(SHAPE, torch.float32, "cpu", max_slots_per_bin=8)
+    adapters = [_adapter(f"x{i}", 4, seed=i) for i in range(3)]
+    slots.assign(adapters, lambda a: a.flat)
+    adapters.append(_adapter("y", 1, seed=9))  # a new bin: the store grows with headroom
+    slot_of = slots.assign(adapters, lambda a: a.flat)
+    assert max(sizes) > layout_rows  # the headroom was asked for and refused
+    assert all(w.A.shape[0] == layout_rows for w in slots.weights.values())
+    assert sorted(slot_of.values()) == [0, 1, 2, 8]

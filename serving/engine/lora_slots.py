@@ -184,9 +184,6 @@ class LoraSlots:
         blocks = sorted(((old_rows[old_first[b.rank]], rows[self._first[b.rank]],
                           b.written * b.rank) for b in self._bins.values()
                          if b.rank in old_first and b.written), reverse=True)
-        # On CPU untouched memory is only address space: reserve what these bins can grow to.
-        # Device memory is real, so there a store is only as large as its layout.
-        reserve = self.max_slots_per_bin * sum(self._bins) if self.device.type == "cpu" else 0
         dims = self.shape.module_dims()
         new: dict[ModuleKey, LoraWeights] = {}
         in_place = True
@@ -198,11 +195,11 @@ class LoraSlots:
                 stores = self._stores.get(key)
                 if stores is None or stores[0].shape[0] < rows[-1]:
                     in_place = False
-                    size = max(rows[-1], reserve, HEADROOM * stores[0].shape[0] if stores else 0)
+                    size = max(rows[-1], HEADROOM * stores[0].shape[0] if stores else 0)
                     try:
                         grown = tuple(_fresh(size, d, self.dtype, self.device)
                                       for d in (d_in, d_out))
-                    except RuntimeError:  # no room for the reserve (strict overcommit)
+                    except RuntimeError:  # no room for the headroom: the layout alone
                         grown = tuple(_fresh(rows[-1], d, self.dtype, self.device)
                                       for d in (d_in, d_out))
                     for old_lo, lo, n in blocks if stores else ():
