@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
@@ -56,17 +57,19 @@ def attach_job(engine, method: str = "lora", config: CoserveConfig | None = None
 
 
 def run_until_done(engine, trainees: list[Trainee], budgets=(64,), request_every: int = 0,
-                   limit: int = 5000) -> int:
+                   timeout_s: float = 180.0) -> int:
     """Step the engine until every trainee is done, cycling the token budget and adding a
-    request every ``request_every`` steps; returns the steps taken."""
+    request every ``request_every`` steps; returns the steps taken. A wall-clock bound, not
+    a step count: the first overlapped slice waits for the worker process to start."""
     steps = 0
+    deadline = time.monotonic() + timeout_s
     while any(t.state.value == "running" or t.busy for t in trainees):
         engine.scheduler.config.max_batched_tokens = budgets[steps % len(budgets)]
         if request_every and steps % request_every == 0:
             engine.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=5, ignore_eos=True))
         engine.step()
         steps += 1
-        assert steps < limit, "fine-tuning made no progress"
+        assert time.monotonic() < deadline, "fine-tuning made no progress"
     while engine.has_unfinished():
         engine.step()
     return steps

@@ -48,18 +48,23 @@ def _reference(tiny_llama, method: str, **params):
     return adapter.adapter_state_dict(), [h["loss"] for h in trainer.history]
 
 
-@pytest.mark.parametrize("method,overlap,params", [
-    ("lora", False, {}),
-    ("lora", True, {}),
-    ("mos", False, {}),
-    ("mos", True, {}),
-    ("hydra", False, {}),
-    ("hydra", True, {}),
-    ("lora", True, {"dropout": 0.2}),  # whole micro-batches, the job's own generator
+@pytest.mark.parametrize("method,helper,params", [
+    ("lora", "inline", {}),
+    ("lora", "thread", {}),
+    ("lora", "process", {}),
+    ("mos", "inline", {}),
+    ("mos", "process", {}),
+    ("hydra", "inline", {}),
+    ("hydra", "process", {}),
+    ("lora", "process", {"dropout": 0.2}),  # whole micro-batches inline, its own generator
 ])
-def test_coserved_adapter_equals_trainer(engine, tiny_llama, method, overlap, params):
+def test_coserved_adapter_equals_trainer(engine, tiny_llama, method, helper, params):
     want, want_losses = _reference(tiny_llama, method, **params)
-    _, trainee = attach_job(engine, method, CoserveConfig(overlap=overlap), **params)
+    config = (CoserveConfig(overlap=False) if helper == "inline"
+              else CoserveConfig(overlap=True, helper=helper))
+    coserver, trainee = attach_job(engine, method, config, **params)
+    assert coserver.helper == ("thread" if helper == "inline" else helper)
+    assert (trainee.remote is not None) == (helper == "process" and not params)
     losses = []
     steps = run_until_done(engine, [trainee], budgets=(8, 40, 200, 24), request_every=3)
     while not trainee.events.empty():
@@ -120,9 +125,9 @@ def test_activation_pages_reserved_during_a_slice_and_returned(engine):
     seen = []
     run = trainee.run
 
-    def spy(k: int) -> int:
+    def spy(k: int, measure: bool = False) -> int:
         seen.append(engine.pool.stats().activation_pages)
-        return run(k)
+        return run(k, measure)
 
     trainee.run = spy
     run_until_done(engine, [trainee])
@@ -146,7 +151,7 @@ def test_short_pool_shrinks_slices_then_waits(engine):
     hog = engine.pool.alloc(engine.pool.num_free - keep, KV)
     before = trainee.slices
     sizes, run = [], trainee.run
-    trainee.run = lambda k: sizes.append(k) or run(k)
+    trainee.run = lambda k, measure=False: sizes.append(k) or run(k, measure)
     engine.scheduler.config.max_batched_tokens = 400  # the budget would allow more rows
     engine.step()
     assert trainee.slices == before + 1 and sizes == [1]

@@ -22,6 +22,10 @@ class CoserveConfig:
     # leaves idle (other cores; on a GPU, kernels from a second thread). Jobs with dropout
     # always run on the engine thread: dropout draws from torch's process-wide generator.
     overlap: bool = True
+    # Where overlapped slices compute: "process" (a worker process over shared-memory
+    # weights, so the two Python loops do not take turns on the GIL; CPU only), "thread"
+    # (the helper thread itself) or "auto" (process on CPU, thread on an accelerator).
+    helper: str = "auto"
     decrease: float = 0.5  # multiplicative decrease of the share on a latency miss
     increase: float = 0.05  # additive increase per iteration without a miss
     cooldown_iters: int = 4  # iterations a decrease is given to take effect before the next
@@ -30,6 +34,8 @@ class CoserveConfig:
     max_jobs: int = 8
 
     def __post_init__(self) -> None:
+        if self.helper not in ("auto", "process", "thread"):
+            raise ValueError(f"helper must be auto, process or thread, got {self.helper!r}")
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
         for name in ("ttft_slo_s", "tpot_slo_s"):

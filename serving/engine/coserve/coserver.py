@@ -9,7 +9,9 @@ pages (reserved for the slice's activations until it ends).
 Slices run either on the engine thread after the inference forward (``overlap=False``, and
 always for jobs with dropout), or on one helper thread started in ``begin``, concurrently
 with the inference forward; a helper slice may outlast the iteration, and the next one is
-planned once it is done. Either way a slice's failure fails its job, never the engine.
+planned once it is done. On CPU the helper thread hands a slice's forward and backward to
+a worker process over the same (shared-memory) weights and waits for it (worker.py).
+Either way a slice's failure fails its job, never the engine.
 Jobs are attached and detached from other threads; the pool is touched only by the engine
 thread.
 """
@@ -26,12 +28,23 @@ from serving.engine.coserve.budget import FairShare, SloController
 from serving.engine.coserve.config import CoserveConfig
 from serving.engine.coserve.memory import ActivationMeter
 from serving.engine.coserve.trainee import State, Trainee
+from serving.engine.coserve.worker import (
+    RemoteSlices,
+    SliceWorker,
+    share_in_place,
+    shm_room,
+    unshared_bytes,
+)
 from serving.engine.pool import ACTIVATION
 from serving.engine.scheduler import Batch
 from serving.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# A helper slice spans iterations, and each iteration it spans lends the next helper slice
+# its allowance, up to this many iterations' worth of the whole budget: slices grow to
+# whole micro-batches (fewer hand-offs, larger GEMMs) without taking more than their share.
+BANK_ITERS = 8
 # How long an engine step with no inference waits for a helper slice to end (or for a
 # request to arrive, which wakes it at once) before it returns to the loop.
 IDLE_WAIT_S = 0.05
@@ -71,9 +84,34 @@ class CoServer:
         self._inflight: Future | None = None
         self._done_pages: list[list[int]] = []
         self._last_end: float | None = None
+        self._bank = 0  # allowance lent by iterations a helper slice spanned (BANK_ITERS)
         self.iterations = 0
         self.slices = 0
         self.memory_waits = 0  # slices that fitted the budget but not the free pages
+        self._releases: list[RemoteSlices] = []
+        self.helper = self._helper_mode()
+        self.worker = SliceWorker.shared() if self.helper == "process" else None
+        if self.worker is not None:
+            self.worker.ensure_started()  # it imports while no job waits for it yet
+
+    def _helper_mode(self) -> str:
+        """Where overlapped slices compute; "process" moves the base weights to shared
+        memory now, before the engine serves (the move swaps their memory under readers)."""
+        cfg = self.config
+        model = self.engine.runner.model
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if not cfg.overlap or cfg.helper == "thread" or (cfg.helper == "auto" and not on_cpu):
+            return "thread"
+        if not on_cpu:
+            raise ValueError("helper='process' needs the engine on CPU")
+        need, room = unshared_bytes(model), shm_room()
+        if room is not None and need > room:
+            log.warning("co-serving: %d MiB of base weights do not fit the %d MiB free in "
+                        "/dev/shm; fine-tuning slices run on the helper thread instead of a "
+                        "worker process", need >> 20, room >> 20)
+            return "thread"
+        share_in_place(model)
+        return "process"
 
     @property
     def budget(self) -> int:
@@ -82,8 +120,12 @@ class CoServer:
 
     # -- jobs (any thread) ----------------------------------------------------------------
     def attach(self, trainee: Trainee) -> None:
-        meter = ActivationMeter(trainee.adapter, self.engine.shape, self.engine.config.dtype,
+        meter = ActivationMeter(self.engine.shape, self.engine.config.dtype,
                                 self.config.activation_margin)
+        if self.worker is not None and self._overlaps(trainee):
+            self.worker.ensure_started()  # restarts one that died
+            if trainee.remote is None:
+                trainee.remote = RemoteSlices(self.worker, trainee.adapter)
         with self._lock:
             if len(self.trainees) >= self.config.max_jobs:
                 raise RuntimeError(f"{len(self.trainees)} fine-tune jobs already co-served "
@@ -102,14 +144,28 @@ class CoServer:
                 return True
             if not trainee.busy:
                 self._remove(trainee)
-                return True
-        return trainee.removed.wait(timeout)
+                removed = True
+            else:
+                removed = False
+        removed = removed or trainee.removed.wait(timeout)
+        self._release()
+        return removed
 
     def _remove(self, trainee: Trainee) -> None:  # under self._lock
         self.trainees.remove(trainee)
         self._meters.pop(id(trainee), None)
         self.fair.forget(id(trainee))
+        if trainee.remote is not None:
+            self._releases.append(trainee.remote)
         trainee.removed.set()
+
+    def _release(self) -> None:
+        """Drop removed jobs' models from the worker; never on the engine thread (it waits
+        for the worker's current slice)."""
+        with self._lock:
+            releases, self._releases = self._releases, []
+        for remote in releases:
+            remote.release()
 
     def wake(self) -> None:
         """A request arrived or a job changed: an idle step waiting on fine-tuning returns."""
@@ -130,9 +186,15 @@ class CoServer:
         if not self.trainees:
             return it
         allowance = self.slo.allowance(self.budget, it.inference_tokens)
-        slices = self._plan(allowance, helper_free=self._inflight is None)
+        helper_free = self._inflight is None
+        if not helper_free:
+            cap = BANK_ITERS * self.budget / self.config.ft_token_cost
+            self._bank = int(min(self._bank + allowance, cap))
+        slices = self._plan(allowance + self._bank if helper_free else allowance, helper_free)
         it.planned = len(slices)
         helper = [s for s in slices if self._overlaps(s.trainee)]
+        if helper:
+            self._bank = 0
         it.inline = [s for s in slices if not self._overlaps(s.trainee)]
         if helper:
             if self._executor is None:
@@ -150,7 +212,8 @@ class CoServer:
             tpot = now - self._last_end if it.had_decodes and self._last_end else None
             ttfts = [now - s.arrival for s in it.prefills
                      if s.first_token_at is not None and s.first_token_at >= it.started]
-            self.slo.observe(tpot, ttfts)
+            if self.slo.observe(tpot, ttfts):
+                self._bank = 0  # what was lent before a miss is not spent after it
             self._last_end = now
             return
         self._last_end = None
@@ -202,17 +265,17 @@ class CoServer:
                 "shorter sequences or a dedicated placement"))
             self._remove(t)
 
-    def _run_all(self, slices: list[Slice]) -> None:
+    def _run_all(self, slices: list[Slice]) -> None:  # on the helper thread
         for s in slices:
             self._run(s)
+        self._release()
 
     def _run(self, s: Slice) -> None:
         try:
-            if s.meter.wants(s.cost):
-                with s.meter.measure(s.cost):
-                    s.trainee.run(s.rows)
-            else:
-                s.trainee.run(s.rows)
+            measure = s.meter.wants(s.cost)
+            s.trainee.run(s.rows, measure)
+            if measure:
+                s.meter.record(s.cost, s.trainee.saved_bytes)
         except Exception as exc:  # the job fails; the engine and other jobs go on
             log.exception("fine-tuning slice of %s failed", s.trainee.name)
             s.trainee.fail(exc)
@@ -233,12 +296,15 @@ class CoServer:
             self.pool.free(pages)
 
     def close(self) -> None:
-        """Wait for a running helper slice and stop the helper thread."""
+        """Wait for a running helper slice, stop the helper thread, drop jobs from the worker."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._inflight = None
         self._free_done()
+        with self._lock:
+            self._releases += [t.remote for t in self.trainees if t.remote is not None]
+        self._release()  # the worker itself is shared by the process's co-servers
 
     def stats(self) -> dict:
         return {
@@ -247,5 +313,6 @@ class CoServer:
             "slo_misses": self.slo.misses,
             "slices": self.slices,
             "memory_waits": self.memory_waits,
+            "helper": self.helper if self.config.overlap else "inline",
             "tokens_trained": {t.name: t.tokens_trained for t in list(self.trainees)},
         }

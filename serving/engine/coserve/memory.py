@@ -13,8 +13,6 @@ storage and without the (shared or trainable) weights, times a safety margin.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -33,17 +31,45 @@ def estimate_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
     return shape.num_layers * per_layer * elem + logits
 
 
+class SavedBytes:
+    """Counts the bytes autograd saves for backward inside ``with counter:``, once per
+    storage and without the tensors in ``exclude`` (weights: shared or trainable)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.total = 0
+        self._seen: set[int] = set()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def storages(model: nn.Module) -> set[int]:
+        return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._seen and ptr not in self.exclude:
+            self._seen.add(ptr)
+            self.total += storage.nbytes()
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class ActivationMeter:
     """Bytes per (padded) token a slice of one job keeps for backward."""
 
-    def __init__(self, model: nn.Module, shape: ModelShape, dtype: torch.dtype,
-                 margin: float) -> None:
+    def __init__(self, shape: ModelShape, dtype: torch.dtype, margin: float) -> None:
         self.margin = margin
         self.per_token = estimate_bytes_per_token(shape, dtype) * margin
         self.measured_max = 0.0  # largest measured bytes per token, without the margin
         self.measured_cost = 0  # the largest slice measured, in padded tokens
         self.measurements = 0
-        self._weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pages(self, tokens: int, page_bytes: int) -> int:
         return max(1, math.ceil(tokens * self.per_token / page_bytes))
@@ -53,28 +79,13 @@ class ActivationMeter:
 
     def wants(self, tokens: int) -> bool:
         """Whether a slice of ``tokens`` should be measured: the first few, and any larger
-        than all before (the hooks cost a Python call per saved tensor, on the GIL)."""
+        than all before (the hooks cost a Python call per saved tensor)."""
         return self.measurements < 3 or tokens > self.measured_cost
 
-    @contextmanager
-    def measure(self, tokens: int) -> Iterator[None]:
-        """Count what autograd saves inside the block; update the per-token figure."""
-        seen: set[int] = set()
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in seen and ptr not in self._weights:
-                seen.add(ptr)
-                total += storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield
+    def record(self, tokens: int, saved_bytes: int) -> None:
+        """A measured slice of ``tokens`` saved ``saved_bytes``: update the per-token figure."""
         self.measurements += 1
         self.measured_cost = max(self.measured_cost, tokens)
-        if tokens > 0 and total > 0:
-            self.measured_max = max(self.measured_max, total / tokens)
+        if tokens > 0 and saved_bytes > 0:
+            self.measured_max = max(self.measured_max, saved_bytes / tokens)
             self.per_token = self.measured_max * self.margin

@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterhub.data import IGNORE_INDEX, Record, collate, encode_example
 from adapterhub.train.config import TrainConfig
 from adapterhub.train.trainer import batch_indices, lr_at
 from serving.engine.adapter_loader import hf_skeleton
+from serving.engine.coserve.memory import SavedBytes
+from serving.engine.coserve.worker import RemoteSlices, slice_backward
 
 
 def trainable_skeleton(model: torch.nn.Module) -> PreTrainedModel:
@@ -102,7 +103,9 @@ class Trainee:
         # Counters the co-server and benchmarks read.
         self.tokens_trained = 0  # real (unpadded) tokens
         self.slices = 0
-        # Set by the co-server.
+        self.saved_bytes = 0  # of the last slice run with measure=True
+        # Set by the co-server: where slices compute (None = the calling thread).
+        self.remote: RemoteSlices | None = None
         self.busy = False
         self.detached = False
         self.removed = threading.Event()
@@ -134,9 +137,10 @@ class Trainee:
         return k, cost
 
     # -- the work (co-server or helper thread) ------------------------------------------
-    def run(self, k: int) -> int:
+    def run(self, k: int, measure: bool = False) -> int:
         """Forward and backward of the next ``k`` sequences; an optimizer step if that ends
-        the step. Returns the real tokens trained."""
+        the step. Returns the real tokens trained. With ``measure``, ``saved_bytes`` is
+        then what autograd kept for the backward."""
         cfg = self.config
         rows = self._micro_rows()
         if self._micro == 0 and self._cursor == 0:
@@ -148,23 +152,14 @@ class Trainee:
         batch = {key: t.to(self.device) for key, t in batch.items()}
         # The micro-batch's mean over its supervised tokens, split over slices as sums.
         denom = max(1, sum(self.supervised[i] for i in rows))
-        if self.uses_rng:
-            saved = torch.get_rng_state()
-            torch.set_rng_state(self.rng_state)
-        try:
-            out = self.adapter(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"], use_cache=False)
-            labels = batch["labels"][:, 1:]
-            logits = out.logits[:, :-1].float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-            (ce / (denom * cfg.grad_accum)).backward()
-        finally:
-            if self.uses_rng:
-                self.rng_state = torch.get_rng_state()
-                torch.set_rng_state(saved)
+        divisor = denom * cfg.grad_accum
+        self.saved_bytes = 0
+        if self.remote is not None:
+            ce, self.saved_bytes = self.remote.backward(batch, divisor, measure)
+        else:
+            ce = self._backward(batch, divisor, measure)
         tokens = int(batch["attention_mask"].sum())
-        self._loss_sum += float(ce.detach()) / denom
+        self._loss_sum += ce / denom
         self._step_tokens += tokens
         self.tokens_trained += tokens
         self.slices += 1
@@ -176,10 +171,30 @@ class Trainee:
                 self._optimizer_step()
         return tokens
 
+    def _backward(self, batch: dict[str, torch.Tensor], divisor: float, measure: bool) -> float:
+        if self.uses_rng:
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.rng_state)
+        counter = SavedBytes(SavedBytes.storages(self.adapter) if measure else set())
+        try:
+            if measure:
+                with counter:
+                    return slice_backward(self.adapter, batch, divisor)
+            return slice_backward(self.adapter, batch, divisor)
+        finally:
+            self.saved_bytes = counter.total
+            if self.uses_rng:
+                self.rng_state = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
     def _optimizer_step(self) -> None:
         cfg = self.config
+        if self.remote is not None:
+            self.remote.install_grads()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.remote is not None:
+            self.remote.clear_grads()
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         metrics = {"loss": self._loss_sum / cfg.grad_accum, "lr": lr_at(self.step, cfg),
                    "tokens_per_s": self._step_tokens / max(elapsed, 1e-9)}

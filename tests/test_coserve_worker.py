@@ -1,0 +1,94 @@
+"""The worker process that computes overlapped fine-tuning slices on CPU: a failure in it
+fails the job it was running and never the engine, it is restarted for the next job, it
+holds no job once jobs are detached, and without room in /dev/shm co-serving falls back to
+the helper thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from serving.engine.coserve import CoserveConfig
+from serving.engine.coserve import coserver as coserver_module
+from serving.engine.sampling import SamplingParams
+from tests.coserve_support import attach_job, detach_all, run_until_done, train_config
+from tests.test_server_support import make_engine
+
+PROCESS = CoserveConfig(overlap=True, helper="process")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return make_engine(tiny_llama, num_pages=4096, max_batched_tokens=64, max_queue=256)
+
+
+@pytest.fixture(autouse=True)
+def _clean(engine):
+    yield
+    detach_all(engine)
+
+
+def _step_until(engine, cond, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        engine.step()
+
+
+def test_worker_death_fails_its_job_and_the_engine_goes_on(engine):
+    coserver, trainee = attach_job(engine, "lora", PROCESS, train=train_config(steps=500))
+    _step_until(engine, lambda: trainee.slices >= 2)
+    os.kill(coserver.worker.pid, signal.SIGKILL)
+    _step_until(engine, lambda: trainee.state.value == "failed")
+    kind, exc, _ = trainee.events.get_nowait()
+    while kind != "error":
+        kind, exc, _ = trainee.events.get_nowait()
+    assert "worker process exited" in str(exc)
+    # Inference is untouched, and the activation pages of the lost slice came back.
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    _step_until(engine, lambda: not coserver.has_work())
+    assert engine.pool.stats().activation_pages == 0
+    # The next job gets a new worker and trains to the end.
+    _, second = attach_job(engine, "lora", coserver=coserver, name="second",
+                           train=train_config(steps=2))
+    run_until_done(engine, [second])
+    assert second.state.value == "done" and coserver.worker.alive()
+
+
+def test_an_error_in_the_worker_fails_the_slice_not_the_worker(engine):
+    coserver, trainee = attach_job(engine, "lora", PROCESS, train=train_config(steps=2))
+    bad = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}  # no attention mask, no labels
+    with pytest.raises(RuntimeError, match="failed in the worker: KeyError"):
+        trainee.remote.backward(bad, 1.0, False)
+    run_until_done(engine, [trainee])
+    assert trainee.state.value == "done"
+
+
+def test_detached_jobs_leave_the_worker(engine):
+    coserver, first = attach_job(engine, "lora", PROCESS, train=train_config(steps=50))
+    _, second = attach_job(engine, "hydra", coserver=coserver, name="second",
+                           train=train_config(steps=50))
+    _step_until(engine, lambda: first.slices and second.slices)
+    assert coserver.worker.jobs() == 2
+    coserver.detach(first)
+    assert coserver.worker.jobs() == 1
+    detach_all(engine)
+    assert coserver.worker.jobs() == 0
+
+
+def test_without_room_in_dev_shm_slices_run_on_the_helper_thread(tiny_llama, monkeypatch, caplog):
+    fresh = make_engine(tiny_llama, num_pages=4096, max_batched_tokens=64)  # weights unshared
+    monkeypatch.setattr(coserver_module, "shm_room", lambda: 1024)
+    coserver, trainee = attach_job(fresh, "lora", CoserveConfig(overlap=True),
+                                   train=train_config(steps=2))
+    assert coserver.helper == "thread" and trainee.remote is None
+    assert "/dev/shm" in caplog.text
+    assert not any(p.is_shared() for p in fresh.runner.model.parameters())
+    run_until_done(fresh, [trainee])
+    assert trainee.state.value == "done"
+    detach_all(fresh)
