@@ -8,10 +8,11 @@ same fine-tuning job (data, seed, hyper-parameters) and the same request traces:
 - ft_trainer: adapterhub's Trainer alone on its own copy of the base (fine-tuning alone).
 - coserve_rate0: the job inside the engine with no inference (rate 0).
 - inference_<rate>: the engine alone, replaying the trace at that rate.
-- coserve_<rate>: the engine with the job attached (overlap: fine-tuning slices on a helper
-  thread beside the inference forward; the headline) and coserve_inline_<rate> (slices on
-  the engine thread after the inference forward), with latency targets of 1.2x what
-  inference alone achieved at that rate (p90 TPOT and TTFT).
+- coserve_<rate>: the engine with the job attached (overlap: fine-tuning slices beside the
+  inference forward, computed in the co-server's worker process on CPU, or on the helper
+  thread with --helper thread; the headline) and coserve_inline_<rate> (slices on the
+  engine thread after the inference forward), with latency targets of 1.2x what inference
+  alone achieved at that rate (p90 TPOT and TTFT).
 - temporal_<rate>: temporal sharing: one whole inference iteration, then one whole training
   step (an optimizer step), alternating; training steps back to back while no request is in.
 
@@ -25,9 +26,10 @@ Fine-tuning tokens/s count real (unpadded) tokens over each replay's wall time.
     python bench/coserve.py --quick        # ~1 minute on 2 CPU cores
     python bench/coserve.py                # a larger model, longer replays
 
-Every thread uses one intra-op thread (--threads): the engine thread, the helper thread and
-the Trainer. On this 2-core machine, shared with other work, the overlap mode's gain is the
-second core that inference alone leaves idle; ratios are what to read, within one run.
+Every thread uses one intra-op thread (--threads): the engine thread, the worker (or helper
+thread) and the Trainer. On this 2-core machine, shared with other work, the overlap mode's
+gain is the second core that inference alone leaves idle; ratios are what to read, within
+one run.
 """
 
 from __future__ import annotations
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, help="seconds of arrivals per replay")
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--min-share", type=float, default=0.05)
+    parser.add_argument("--helper", choices=["auto", "process", "thread"], default="auto",
+                        help="where overlapped slices compute (CoserveConfig.helper)")
     parser.add_argument("--slo-factor", type=float, default=1.2,
                         help="latency targets: this times inference alone's p90 at the rate")
     args = parser.parse_args(argv)
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def coserve_side(key: str, trace: list[Request], overlap: bool,
                      slo: tuple[float, float] | None) -> dict:
-        config = CoserveConfig(overlap=overlap, min_share=args.min_share,
+        config = CoserveConfig(overlap=overlap, helper=args.helper, min_share=args.min_share,
                                ttft_slo_s=slo[0] if slo else None,
                                tpot_slo_s=slo[1] if slo else None)
         engine.coserve = CoServer(engine, config)
@@ -355,13 +359,17 @@ def main(argv: list[str] | None = None) -> dict:
             stats = engine.coserve.stats()
             engine.coserve.close()
             engine.coserve = None
-        return record(key, side, slices=job.slices, share_scale_end=stats["share_scale"],
+        # How much of the replay the worker process spent computing this job's slices.
+        busy = round(job.remote.compute_s / side.wall_s, 3) if job.remote else None
+        return record(key, side, slices=job.slices, helper=stats["helper"],
+                      worker_busy_share=busy,
+                      share_scale_end=stats["share_scale"],
                       slo_misses=stats["slo_misses"], memory_waits=stats["memory_waits"],
                       slo_targets_s=list(slo) if slo else None)
 
     # Warm-up of co-serving: on CPU its first slices wait for the worker process to start
     # (a server starts it with the engine); nothing here is measured.
-    engine.coserve = CoServer(engine, CoserveConfig(overlap=True))
+    engine.coserve = CoServer(engine, CoserveConfig(overlap=True, helper=args.helper))
     job = trainee()
     engine.coserve.attach(job)
     deadline = time.monotonic() + 120
@@ -418,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             "records": len(data)},
             "duration_s": duration, "max_batched_tokens": args.max_batched_tokens,
             "min_share": args.min_share, "slo_factor": args.slo_factor,
+            "helper": args.helper,
             "rates_req_per_s": {k: round(v, 3) for k, v in rates.items()},
             "rate_definitions": {
                 "light": f"{args.light} / single-request latency ({latency1:.3f}s)",

@@ -309,6 +309,17 @@ def test_fine_tune_jobs_need_the_shared_volume(rendered, variant: str):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_pods_have_an_in_memory_dev_shm(rendered, variant: str):
+    # CPU engines share the base weights with the co-serving worker process through
+    # /dev/shm; Kubernetes' default of 64Mi would send co-served slices to a helper thread.
+    cfg = one(rendered[variant], "RayService")["spec"]["rayClusterConfig"]
+    pod = cfg["workerGroupSpecs"][0]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_chart_speaks_the_cluster_modes_interfaces(rendered, variant: str, tmp_path: Path):
     """build_app accepts the Serve args, and its ingress would accept the server they make."""
     pytest.importorskip("serving.cluster.config", reason="cluster mode (serving/cluster) absent")

@@ -6,11 +6,12 @@ fine-tuning jobs, shared fairly between them, as sequence-granular slices of the
 micro-batches. The result equals adapterhub's Trainer: co-serving changes when the work
 runs, not what it computes.
 
-    config.py    knobs (minimum share, latency targets, overlap)
+    config.py    knobs (minimum share, latency targets, overlap and its helper)
     budget.py    the SLO controller and the fair share between jobs
     memory.py    activation bytes per token, measured, and pool pages reserved for them
     trainee.py   one job resident in the engine: data order, slices, optimizer steps
     coserver.py  the engine hook: plans and runs each iteration's fine-tuning slices
+    worker.py    the process that computes overlapped slices on CPU (no GIL contention)
     job.py       the job-service side: checkpoints, evaluation, serving checkpoints, MLflow
 """
 

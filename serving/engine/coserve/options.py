@@ -8,9 +8,10 @@ from typing import Any
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coserve", choices=["overlap", "inline", "off"], default="overlap",
-                   help="train co-served fine-tune jobs inside the engine's iterations, on a "
-                   "helper thread beside the inference forward (overlap) or after it on the "
-                   "engine thread (inline); off: every job runs on the dedicated worker")
+                   help="train co-served fine-tune jobs inside the engine's iterations, beside "
+                   "the inference forward (overlap: in a worker process over shared weights "
+                   "on CPU, on a helper thread on a GPU) or after it on the engine thread "
+                   "(inline); off: every job runs on the dedicated worker")
     p.add_argument("--coserve-min-share", type=float, default=0.05,
                    help="share of each iteration's token budget fine-tuning always gets")
     p.add_argument("--coserve-ttft-slo-ms", type=float, default=None,

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 
 import torch
 import torch.multiprocessing as mp
@@ -118,7 +119,8 @@ def _serve(conn, threads: int) -> None:
 
 
 def _run(model: nn.Module, params: list[nn.Parameter], grads: list[torch.Tensor],
-         batch: dict, divisor: float, measure: bool) -> tuple[float, list[int], int]:
+         batch: dict, divisor: float, measure: bool) -> tuple[float, list[int], int, float]:
+    t0 = time.perf_counter()
     batch = {k: torch.from_numpy(v) for k, v in batch.items()}
     counter = SavedBytes(SavedBytes.storages(model) if measure else set())
     if measure:
@@ -132,7 +134,7 @@ def _run(model: nn.Module, params: list[nn.Parameter], grads: list[torch.Tensor]
             g.add_(p.grad)
             p.grad = None
             touched.append(i)
-    return ce, touched, counter.total
+    return ce, touched, counter.total, time.perf_counter() - t0
 
 
 # -- the engine process's side -----------------------------------------------------------------
@@ -235,6 +237,7 @@ class RemoteSlices:
         self.params = [p for _, p in named]
         self.grads = [torch.zeros_like(p).share_memory_() for p in self.params]
         self.touched: set[int] = set()
+        self.compute_s = 0.0  # the worker's time in this job's slices
         self._generation: int | None = None
 
     def backward(self, batch: dict[str, torch.Tensor], divisor: float,
@@ -244,9 +247,10 @@ class RemoteSlices:
             # Sending the model moves its tensors to shared memory (in place).
             self.worker.call("attach", self.key, self.model, self.names, self.grads)
             self._generation = self.worker.generation
-        ce, touched, saved = self.worker.call(
+        ce, touched, saved, seconds = self.worker.call(
             "run", self.key, {k: v.numpy() for k, v in batch.items()}, divisor, measure)
         self.touched.update(touched)
+        self.compute_s += seconds
         return ce, saved
 
     def install_grads(self) -> None:
