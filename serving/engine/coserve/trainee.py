@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterhub.data import IGNORE_INDEX, Record, collate, encode_example
 from adapterhub.train.config import TrainConfig
-from adapterhub.train.trainer import batch_indices, lr_at
+from adapterhub.train.trainer import adamw, batch_indices, lr_at
 from serving.engine.adapter_loader import hf_skeleton
 from serving.engine.coserve.memory import SavedBytes
 from serving.engine.coserve.worker import RemoteSlices, slice_backward
@@ -83,8 +83,7 @@ class Trainee:
                            for _, labels in self.examples]
         self.device = next(adapter.parameters()).device
         adapter.train()  # the job side's evaluation restores this mode when it is done
-        self.optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = adamw(adapter.trainable_parameters(), config)
         # The Trainer seeds torch's generator with the job's seed at step 0; this is that
         # generator's state, kept apart from the engine's (resume replaces it).
         self.rng_state = torch.Generator().manual_seed(config.seed).get_state()
