@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 STOP_TIMEOUT_S = 10.0
+NICE = 10
 
 
 class WorkerDied(RuntimeError):
@@ -88,6 +89,9 @@ def slice_backward(model: nn.Module, batch: dict[str, torch.Tensor], divisor: fl
 # -- the worker process ----------------------------------------------------------------------
 def _serve(conn, threads: int) -> None:
     torch.set_num_threads(threads)
+    # Inference first: where the worker and the engine's threads want the same core, the
+    # scheduler gives it to the engine (fine-tuning takes the compute inference leaves).
+    os.nice(NICE)
     # What unpickling a job's model needs, imported before the first job asks.
     import transformers  # noqa: F401
 
