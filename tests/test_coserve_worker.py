@@ -92,3 +92,12 @@ def test_without_room_in_dev_shm_slices_run_on_the_helper_thread(tiny_llama, mon
     run_until_done(fresh, [trainee])
     assert trainee.state.value == "done"
     detach_all(fresh)
+
+
+def test_a_model_that_does_not_pickle_trains_on_the_helper_thread(engine, caplog):
+    coserver, trainee = attach_job(engine, "lora", PROCESS, train=train_config(steps=2))
+    trainee.adapter.not_picklable = lambda: None  # a local function: pickle refuses it
+    run_until_done(engine, [trainee])
+    assert trainee.state.value == "done" and trainee.remote is None
+    assert "cannot be sent to the worker" in caplog.text
+    assert coserver.worker.alive()  # nothing half-sent reached it

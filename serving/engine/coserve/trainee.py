@@ -16,6 +16,7 @@ so a job with dropout runs whole micro-batches with its own generator state swap
 from __future__ import annotations
 
 import enum
+import logging
 import queue
 import threading
 import time
@@ -29,7 +30,9 @@ from adapterhub.train.config import TrainConfig
 from adapterhub.train.trainer import adamw, batch_indices, lr_at
 from serving.engine.adapter_loader import hf_skeleton
 from serving.engine.coserve.memory import SavedBytes
-from serving.engine.coserve.worker import RemoteSlices, slice_backward
+from serving.engine.coserve.worker import NotShareable, RemoteSlices, slice_backward
+
+log = logging.getLogger(__name__)
 
 
 def trainable_skeleton(model: torch.nn.Module) -> PreTrainedModel:
@@ -154,7 +157,15 @@ class Trainee:
         divisor = denom * cfg.grad_accum
         self.saved_bytes = 0
         if self.remote is not None:
-            ce, self.saved_bytes = self.remote.backward(batch, divisor, measure)
+            try:
+                ce, self.saved_bytes = self.remote.backward(batch, divisor, measure)
+            except NotShareable as exc:
+                if self.remote.touched:  # gradients of this step are in the worker's buffers
+                    raise
+                log.warning("fine-tune job %s: its model cannot be sent to the worker "
+                            "process (%s); its slices run on the helper thread", self.name, exc)
+                self.remote = None
+                ce = self._backward(batch, divisor, measure)
         else:
             ce = self._backward(batch, divisor, measure)
         tokens = int(batch["attention_mask"].sum())

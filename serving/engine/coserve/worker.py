@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.multiprocessing as mp
@@ -37,6 +38,10 @@ NICE = 10
 
 class WorkerDied(RuntimeError):
     """The worker process exited; the slice it was running is lost."""
+
+
+class NotShareable(RuntimeError):
+    """A job's model cannot be sent to the worker (it does not pickle)."""
 
 
 def unshared_bytes(module: nn.Module) -> int:
@@ -191,7 +196,12 @@ class SliceWorker:
             if self._proc is None:
                 raise WorkerDied("the fine-tuning worker was not started")
             try:
-                self._conn.send((op, key, *args))
+                # Pickling happens before any byte is written: a failure leaves the pipe clean.
+                payload = ForkingPickler.dumps((op, key, *args))
+            except Exception as exc:
+                raise NotShareable(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                self._conn.send_bytes(payload)
                 status, reply = self._conn.recv()
             except (EOFError, OSError, BrokenPipeError):
                 self._proc.join(1.0)
@@ -248,7 +258,8 @@ class RemoteSlices:
                  measure: bool) -> tuple[float, int]:
         """(summed cross-entropy, bytes saved for backward if ``measure`` else 0)."""
         if self._generation != self.worker.generation:
-            # Sending the model moves its tensors to shared memory (in place).
+            # Sending the model moves its tensors to shared memory (in place). NotShareable
+            # leaves nothing behind: the caller may compute this slice itself.
             self.worker.call("attach", self.key, self.model, self.names, self.grads)
             self._generation = self.worker.generation
         ce, touched, saved, seconds = self.worker.call(
