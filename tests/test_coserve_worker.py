@@ -14,6 +14,7 @@ import torch
 
 from serving.engine.coserve import CoserveConfig
 from serving.engine.coserve import coserver as coserver_module
+from serving.engine.pool import ACTIVATION
 from serving.engine.sampling import SamplingParams
 from tests.coserve_support import attach_job, detach_all, run_until_done, train_config
 from tests.test_server_support import make_engine
@@ -101,3 +102,29 @@ def test_a_model_that_does_not_pickle_trains_on_the_helper_thread(engine, caplog
     assert trainee.state.value == "done" and trainee.remote is None
     assert "cannot be sent to the worker" in caplog.text
     assert coserver.worker.alive()  # nothing half-sent reached it
+
+
+def test_a_lone_jobs_helper_slice_goes_on_while_bank_and_pages_allow(engine):
+    coserver, trainee = attach_job(engine, "lora", PROCESS, train=train_config(steps=3))
+    # Plan one helper slice the way begin() does, with pages for the costliest micro-batch.
+    widest = trainee.config.batch_size * max(trainee.lengths)
+    [s] = coserver._plan(widest, helper_free=True)
+    page_bytes = engine.pool.page_elems * engine.pool.storage.element_size()
+    engine.pool.free(s.pages)
+    s.pages = engine.pool.alloc(s.meter.pages(widest, page_bytes), ACTIVATION)
+    coserver._bank = 10 * widest
+    coserver._run(s, chain=True)
+    # One call ran every micro-batch (3 steps x 2) to the end, paid from the bank.
+    assert trainee.state.value == "done" and trainee.slices == coserver.slices >= 6
+    assert coserver.chained == coserver.slices - 1 and coserver._bank < 10 * widest
+    coserver._free_done()
+    assert engine.pool.stats().activation_pages == 0
+
+
+def test_no_chaining_past_the_bank(engine):
+    coserver, trainee = attach_job(engine, "lora", PROCESS, train=train_config(steps=3))
+    [s] = coserver._plan(10**6, helper_free=True)
+    coserver._bank = 0
+    coserver._run(s, chain=True)
+    assert coserver.chained == 0 and trainee.slices == 1
+    run_until_done(engine, [trainee])

@@ -88,6 +88,7 @@ class CoServer:
         self.iterations = 0
         self.slices = 0
         self.memory_waits = 0  # slices that fitted the budget but not the free pages
+        self.chained = 0  # helper slices that followed the one before at once (_extend)
         self._releases: list[RemoteSlices] = []
         self.helper = self._helper_mode()
         self.worker = SliceWorker.shared() if self.helper == "process" else None
@@ -267,15 +268,18 @@ class CoServer:
 
     def _run_all(self, slices: list[Slice]) -> None:  # on the helper thread
         for s in slices:
-            self._run(s)
+            self._run(s, chain=len(slices) == 1)
         self._release()
 
-    def _run(self, s: Slice) -> None:
+    def _run(self, s: Slice, chain: bool = False) -> None:
         try:
-            measure = s.meter.wants(s.cost)
-            s.trainee.run(s.rows, measure)
-            if measure:
-                s.meter.record(s.cost, s.trainee.saved_bytes)
+            while True:
+                measure = s.meter.wants(s.cost)
+                s.trainee.run(s.rows, measure)
+                if measure:
+                    s.meter.record(s.cost, s.trainee.saved_bytes)
+                if not (chain and self._extend(s)):
+                    break
         except Exception as exc:  # the job fails; the engine and other jobs go on
             log.exception("fine-tuning slice of %s failed", s.trainee.name)
             s.trainee.fail(exc)
@@ -288,6 +292,28 @@ class CoServer:
                     if s.trainee in self.trainees:
                         self._remove(s.trainee)
             self._wake.set()
+
+    def _extend(self, s: Slice) -> bool:
+        """Make ``s`` the next slice of its job, on the pages it holds and paid from the bank,
+        when that job is the only one and its next micro-batch fits both: the helper goes on
+        at once instead of idling until the engine's next iteration plans it (up to a step)."""
+        t = s.trainee
+        page_bytes = self.pool.page_elems * self.pool.storage.element_size()
+        with self._lock:
+            running = [x for x in self.trainees if x.state is State.RUNNING and not x.detached]
+            if running != [t]:  # several jobs: their fair share is planned by the engine
+                return False
+            # The whole rest of the micro-batch or nothing: smaller pieces are slower per
+            # token, and the engine plans those as before.
+            k, cost = t.select(1 << 30)
+            if k == 0 or cost > min(self._bank, s.meter.tokens_for(len(s.pages), page_bytes)):
+                return False
+            self._bank -= cost
+            self.fair.charge(id(t), cost)
+            self.slices += 1
+            self.chained += 1
+            s.rows, s.cost = k, cost
+        return True
 
     def _free_done(self) -> None:
         with self._lock:
@@ -313,6 +339,7 @@ class CoServer:
             "slo_misses": self.slo.misses,
             "slices": self.slices,
             "memory_waits": self.memory_waits,
+            "chained_slices": self.chained,
             "helper": self.helper if self.config.overlap else "inline",
             "tokens_trained": {t.name: t.tokens_trained for t in list(self.trainees)},
         }
