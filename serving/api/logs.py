@@ -23,18 +23,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+LOGGERS = ("adapterhub", "serving")
+
+
 @contextmanager
 def json_logging(level: int = logging.INFO, stream=None) -> Iterator[logging.Handler]:
-    """Send the server's loggers (adapterhub.*) to ``stream`` as JSON lines meanwhile."""
+    """Send the server's loggers (adapterhub.*, and the engine's serving.*) to ``stream`` as
+    JSON lines meanwhile."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("adapterhub")
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
     try:
         yield handler
     finally:
-        logger.removeHandler(handler)
-        logger.level, logger.propagate = saved
+        for logger, (lvl, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.level, logger.propagate = lvl, propagate

@@ -190,6 +190,8 @@ class SliceWorker:
             self._proc.start()
             child.close()
             self.generation += 1
+            log.info("co-serving: fine-tuning slices compute in worker process %d "
+                     "(%d threads)", self._proc.pid, self.threads)
 
     def call(self, op: str, key: int, *args):
         with self._lock:
