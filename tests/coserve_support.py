@@ -43,6 +43,14 @@ def seeded_adapter(model, method: str, seed: int = 11, **params):
         return create_adapter(model, make_config(method, **{**METHOD_PARAMS[method], **params}))
 
 
+def coserve_engine(checkpoint):
+    """The co-serving tests' engine: 4096 pages of 4 KiB leave room for KV, adapters and
+    slice activations."""
+    from tests.test_server_support import make_engine
+
+    return make_engine(checkpoint, num_pages=4096, max_batched_tokens=64, max_queue=256)
+
+
 def attach_job(engine, method: str = "lora", config: CoserveConfig | None = None,
                train: TrainConfig | None = None, name: str = "job", coserver=None,
                **params) -> tuple[CoServer, Trainee]:

@@ -18,6 +18,7 @@ from serving.engine.coserve import CoserveConfig
 from serving.engine.sampling import SamplingParams
 from tests.coserve_support import (
     attach_job,
+    coserve_engine,
     detach_all,
     records,
     run_until_done,
@@ -29,15 +30,13 @@ from tests.test_server_support import make_engine, make_lora
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    # 4 KiB pages: 4096 of them leave room for KV, adapters and slice activations.
-    return make_engine(tiny_llama, num_pages=4096, max_batched_tokens=64, max_queue=256)
+    return coserve_engine(tiny_llama)
 
 
 @pytest.fixture(autouse=True)
 def _clean(engine):
     yield
-    detach_all(engine)
-    assert engine.pool.stats().activation_pages == 0
+    detach_all(engine)  # which also checks that every activation page came back
 
 
 def _reference(tiny_llama, method: str, **params):

@@ -16,7 +16,13 @@ from serving.engine.coserve import CoserveConfig
 from serving.engine.coserve import coserver as coserver_module
 from serving.engine.pool import ACTIVATION
 from serving.engine.sampling import SamplingParams
-from tests.coserve_support import attach_job, detach_all, run_until_done, train_config
+from tests.coserve_support import (
+    attach_job,
+    coserve_engine,
+    detach_all,
+    run_until_done,
+    train_config,
+)
 from tests.test_server_support import make_engine
 
 PROCESS = CoserveConfig(overlap=True, helper="process")
@@ -24,13 +30,13 @@ PROCESS = CoserveConfig(overlap=True, helper="process")
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    return make_engine(tiny_llama, num_pages=4096, max_batched_tokens=64, max_queue=256)
+    return coserve_engine(tiny_llama)
 
 
 @pytest.fixture(autouse=True)
 def _clean(engine):
     yield
-    detach_all(engine)
+    detach_all(engine)  # which also checks that every activation page came back
 
 
 def _step_until(engine, cond, timeout_s: float = 120.0) -> None:
