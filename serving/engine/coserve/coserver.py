@@ -188,16 +188,18 @@ class CoServer:
             return it
         allowance = self.slo.allowance(self.budget, it.inference_tokens)
         helper_free = self._inflight is None
-        if not helper_free:
-            cap = BANK_ITERS * self.budget / self.config.ft_token_cost
-            self._bank = int(min(self._bank + allowance, cap))
-        slices = self._plan(allowance + self._bank if helper_free else allowance, helper_free)
+        with self._lock:  # the helper's _extend spends the bank
+            if not helper_free:
+                cap = BANK_ITERS * self.budget / self.config.ft_token_cost
+                self._bank = int(min(self._bank + allowance, cap))
+            bank = self._bank if helper_free else 0
+        slices = self._plan(allowance + bank, helper_free)
         it.planned = len(slices)
         helper = [s for s in slices if self._overlaps(s.trainee)]
-        if helper:
-            self._bank = 0
         it.inline = [s for s in slices if not self._overlaps(s.trainee)]
         if helper:
+            with self._lock:
+                self._bank = 0
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="coserve")
             self._inflight = self._executor.submit(self._run_all, helper)
@@ -214,7 +216,8 @@ class CoServer:
             ttfts = [now - s.arrival for s in it.prefills
                      if s.first_token_at is not None and s.first_token_at >= it.started]
             if self.slo.observe(tpot, ttfts):
-                self._bank = 0  # what was lent before a miss is not spent after it
+                with self._lock:
+                    self._bank = 0  # what was lent before a miss is not spent after it
             self._last_end = now
             return
         self._last_end = None
