@@ -144,11 +144,8 @@ class CoServer:
             if trainee not in self.trainees:
                 return True
             if not trainee.busy:
-                self._remove(trainee)
-                removed = True
-            else:
-                removed = False
-        removed = removed or trainee.removed.wait(timeout)
+                self._remove(trainee)  # sets trainee.removed
+        removed = trainee.removed.wait(timeout)
         self._release()
         return removed
 

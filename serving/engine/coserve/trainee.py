@@ -29,7 +29,6 @@ from adapterhub.data import IGNORE_INDEX, Record, collate, encode_example
 from adapterhub.train.config import TrainConfig
 from adapterhub.train.trainer import adamw, batch_indices, lr_at
 from serving.engine.adapter_loader import hf_skeleton
-from serving.engine.coserve.memory import SavedBytes
 from serving.engine.coserve.worker import NotShareable, RemoteSlices, slice_backward
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,6 @@ class Trainee:
         # The micro-batch's mean over its supervised tokens, split over slices as sums.
         denom = max(1, sum(self.supervised[i] for i in rows))
         divisor = denom * cfg.grad_accum
-        self.saved_bytes = 0
         if self.remote is not None:
             try:
                 ce, self.saved_bytes = self.remote.backward(batch, divisor, measure)
@@ -165,9 +163,9 @@ class Trainee:
                 log.warning("fine-tune job %s: its model cannot be sent to the worker "
                             "process (%s); its slices run on the helper thread", self.name, exc)
                 self.remote = None
-                ce = self._backward(batch, divisor, measure)
+                ce, self.saved_bytes = self._backward(batch, divisor, measure)
         else:
-            ce = self._backward(batch, divisor, measure)
+            ce, self.saved_bytes = self._backward(batch, divisor, measure)
         tokens = int(batch["attention_mask"].sum())
         self._loss_sum += ce / denom
         self._step_tokens += tokens
@@ -181,21 +179,17 @@ class Trainee:
                 self._optimizer_step()
         return tokens
 
-    def _backward(self, batch: dict[str, torch.Tensor], divisor: float, measure: bool) -> float:
-        if self.uses_rng:
-            saved = torch.get_rng_state()
-            torch.set_rng_state(self.rng_state)
-        counter = SavedBytes(SavedBytes.storages(self.adapter) if measure else set())
+    def _backward(self, batch: dict[str, torch.Tensor], divisor: float,
+                  measure: bool) -> tuple[float, int]:
+        if not self.uses_rng:
+            return slice_backward(self.adapter, batch, divisor, measure)
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
         try:
-            if measure:
-                with counter:
-                    return slice_backward(self.adapter, batch, divisor)
-            return slice_backward(self.adapter, batch, divisor)
+            return slice_backward(self.adapter, batch, divisor, measure)
         finally:
-            self.saved_bytes = counter.total
-            if self.uses_rng:
-                self.rng_state = torch.get_rng_state()
-                torch.set_rng_state(saved)
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
 
     def _optimizer_step(self) -> None:
         cfg = self.config

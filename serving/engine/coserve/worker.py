@@ -16,6 +16,7 @@ process (trainee.py); the worker only computes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -26,7 +27,9 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn import functional as F
 
+from adapterhub.data import IGNORE_INDEX
 from serving.engine.coserve.memory import SavedBytes
 
 log = logging.getLogger(__name__)
@@ -73,22 +76,22 @@ def share_in_place(module: nn.Module) -> None:
             t.untyped_storage().share_memory_()
 
 
-def slice_backward(model: nn.Module, batch: dict[str, torch.Tensor], divisor: float) -> float:
+def slice_backward(model: nn.Module, batch: dict[str, torch.Tensor], divisor: float,
+                   measure: bool = False) -> tuple[float, int]:
     """Forward and backward of one slice, its loss summed over supervised tokens and
     divided by ``divisor``; gradients accumulate into the parameters' ``grad``.
-    Returns the summed cross-entropy."""
-    from torch.nn import functional as F
-
-    from adapterhub.data import IGNORE_INDEX
-
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False)
-    labels = batch["labels"][:, 1:]
-    logits = out.logits[:, :-1].float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="sum")
-    (ce / divisor).backward()
-    return float(ce.detach())
+    Returns the summed cross-entropy and, with ``measure``, the bytes autograd kept for
+    the backward (else 0)."""
+    counter = SavedBytes(SavedBytes.storages(model)) if measure else None
+    with counter or contextlib.nullcontext():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False)
+        labels = batch["labels"][:, 1:]
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+        (ce / divisor).backward()
+    return float(ce.detach()), counter.total if counter else 0
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -131,19 +134,14 @@ def _run(model: nn.Module, params: list[nn.Parameter], grads: list[torch.Tensor]
          batch: dict, divisor: float, measure: bool) -> tuple[float, list[int], int, float]:
     t0 = time.perf_counter()
     batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-    counter = SavedBytes(SavedBytes.storages(model) if measure else set())
-    if measure:
-        with counter:
-            ce = slice_backward(model, batch, divisor)
-    else:
-        ce = slice_backward(model, batch, divisor)
+    ce, saved = slice_backward(model, batch, divisor, measure)
     touched = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if p.grad is not None:
             g.add_(p.grad)
             p.grad = None
             touched.append(i)
-    return ce, touched, counter.total, time.perf_counter() - t0
+    return ce, touched, saved, time.perf_counter() - t0
 
 
 # -- the engine process's side -----------------------------------------------------------------
@@ -281,7 +279,7 @@ class RemoteSlices:
 
     def release(self) -> None:
         """Drop the worker's copy of the model (the job was detached)."""
-        if self._generation is not None and self._generation == self.worker.generation:
+        if self._generation == self.worker.generation:
             try:
                 self.worker.call("detach", self.key)
             except WorkerDied:
