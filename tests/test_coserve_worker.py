@@ -134,3 +134,8 @@ def test_no_chaining_past_the_bank(engine):
     coserver._run(s, chain=True)
     assert coserver.chained == 0 and trainee.slices == 1
     run_until_done(engine, [trainee])
+
+
+def test_an_unknown_helper_is_refused():
+    with pytest.raises(ValueError, match="helper must be auto, process or thread, got 'gpu'"):
+        CoserveConfig(helper="gpu")

@@ -532,6 +532,7 @@ def test_shipped_values_satisfy_the_schema(variant: str):
     ("replicaCount=3", "additional properties 'replicaCount' not allowed"),
     # wrong types (KubeRay wants rayStartParams as strings)
     ("ray.worker.gpus=one", "at '/ray/worker/gpus': got string, want integer"),
+    ("ray.worker.shmSize=lots", "at '/ray/worker/shmSize': 'lots' does not match"),
     ("ray.head.rayStartParams.num-gpus=1", "at '/ray/head/rayStartParams/num-gpus': got number"),
     # out of range / not in the enum
     ("api.port=70000", "at '/api/port': maximum"),
