@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapterhub.methods import create_adapter, make_config
+from serving.engine import kernels, lora_pool
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.sampling import SamplingParams
@@ -71,16 +72,36 @@ def _reference_logits(ckpt, root, adapter: str | None, ids: list[int]) -> torch.
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def test_mixed_batch_matches_peft(setup):
+@pytest.fixture(params=["pool", "pool-gemm-runs", "slots"])
+def lora_path(request, monkeypatch):
+    """pool: adapters read in place from their pool pages by the native kernel (CPU float32);
+    pool-gemm-runs: the same with every same-adapter token run sent to GEMM pairs; slots: the
+    torch operator over slot buffers (where the kernel cannot run: no compiler, other dtypes,
+    CUDA)."""
+    if request.param == "slots":
+        monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
+    elif not kernels.compiler_available():
+        pytest.skip("no C compiler: the native kernel cannot be built here")
+    elif request.param == "pool-gemm-runs":
+        monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", 1)
+    return request.param
+
+
+def test_mixed_batch_matches_peft(setup, lora_path):
     ckpt, root, dirs = setup
     engine = Engine(EngineConfig(model=str(ckpt), num_pages=128, block_size=4,
                                  max_batched_tokens=12, max_num_seqs=8))
+    assert (engine.runner.native is not None) == (lora_path != "slots"), \
+        "a C compiler is needed for the native kernel"
     for name, path in dirs.items():
         engine.register_adapter(name, path)
     engine.runner.capture = {}
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = engine.generate([p for p, _ in PROMPTS], params, [a for _, a in PROMPTS])
-    assert engine.runner.slots.copies >= 1
+    if lora_path == "slots":
+        assert engine.runner.slots.copies >= 1
+    else:  # nothing copied: every adapter read from its (consecutive) pool pages
+        assert engine.runner.slots.copies == 0 and engine.runner.adapter_copies == 0
     assert engine.scheduler.preemptions == 0
     for (prompt, adapter), out in zip(PROMPTS, outs, strict=True):
         prompt_ids = [engine.tokenizer.bos_token_id,

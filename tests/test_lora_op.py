@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from serving.engine import kernels, lora_meta, lora_op
+from serving.engine import lora_meta, lora_op
 from serving.engine.lora_op import (
     LoraBatchMeta,
     LoraContext,
@@ -20,13 +19,6 @@ from serving.engine.lora_op import (
 )
 
 RANKS = (64, 32, 16, 8, 1)
-
-
-def native_on(monkeypatch):
-    if not HAVE_CC:
-        pytest.skip("no C compiler: the native kernel cannot be built here")
-    assert kernels.bgmv_lib() is not None, "a C compiler is present but the kernel did not build"
-    monkeypatch.setattr(lora_op, "USE_NATIVE", True)
 D_IN, D_OUT = 32, 48
 
 
@@ -68,26 +60,13 @@ def _slots(k, rng, shuffle, n_seg=3, n_decode=12):
     return torch.tensor(slots, dtype=torch.long)
 
 
-HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-
-
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    """The torch paths unless a test asks for the native kernel (the ``path`` fixture's
-    "native", or the tests at the end of this file)."""
-    monkeypatch.setattr(lora_op, "USE_NATIVE", False)
-
-
-@pytest.fixture(params=["native", "auto", "dense", "grouped_mm", "bmm", "loop"])
+@pytest.fixture(params=["auto", "dense", "grouped_mm", "bmm", "loop"])
 def path(request, monkeypatch):
-    """native: the C kernel (kernels/bgmv.c), one call per module; auto: the torch paths'
-    own choice; dense: one masked GEMM pair over the live span; grouped_mm: the CUDA path, one
-    grouped GEMM pair per rank group; bmm: a batched GEMM pair per rank group over its slots,
-    tokens padded to a common width (launches cost the earth); loop: a GEMM pair per adapter
-    with tokens (launches cost nothing)."""
-    if request.param == "native":
-        native_on(monkeypatch)
-    elif request.param != "auto":
+    """dense: one masked GEMM pair over the live span; grouped_mm: the CUDA path, one grouped
+    GEMM pair per rank group; bmm: a batched GEMM pair per rank group over its slots, tokens
+    padded to a common width (launches cost the earth); loop: a GEMM pair per adapter with
+    tokens (launches cost nothing)."""
+    if request.param != "auto":
         limit = 10**9 if request.param == "dense" else -1
         monkeypatch.setattr(lora_meta, "DENSE_MAX_SUM_RANK", limit)
         monkeypatch.setattr(lora_meta, "DENSE_MAX_WASTE", limit)
@@ -308,113 +287,3 @@ def test_bare_tokens_after_an_in_order_layout_get_nothing():
     delta = lora_delta(x, pack_lora_weights(adapters), meta)
     assert bool((delta[2:] == 0).all())
     torch.testing.assert_close(delta.double(), _reference(x, slots, adapters), atol=1e-5, rtol=1e-5)
-
-
-# -- the native kernel (kernels/bgmv.c) -------------------------------------------------------
-def test_native_sends_long_same_adapter_runs_to_gemms(monkeypatch):
-    """A prefill chunk is many tokens of one adapter: a GEMM pair beats the kernel there; the
-    decode tokens around it go to the kernel. Both add the same deltas as the reference."""
-    native_on(monkeypatch)
-    ranks = [16, 8, 4, 2] * 3
-    adapters = _adapters(ranks, bias=True)
-    slots = torch.cat([torch.full((300,), 0), torch.tensor([-1, 0, 5, 5, 7, 11, 2]),
-                       torch.full((40,), 6)])
-    meta = LoraBatchMeta.build(slots, ranks)
-    plan = meta.native(tuple(ranks))
-    assert [(lo, hi) for lo, hi, _, _ in plan.runs] == [(0, 300)]  # 40 tokens of rank 4: kernel
-    assert plan.num_active == 6 + 40 and int(plan.rank[:300].sum()) == 0
-    x = torch.randn(len(slots), D_IN)
-    torch.testing.assert_close(lora_delta(x, pack_lora_weights(adapters), meta).double(),
-                               _reference(x, slots, adapters), atol=1e-5, rtol=1e-5)
-
-
-def test_native_skip_set_leaves_tokens_bare(monkeypatch):
-    native_on(monkeypatch)
-    ranks = [8, 16, 8]
-    adapters = _adapters(ranks)
-    w = pack_lora_weights(adapters)
-    w.skip = frozenset({1})  # rows kept (here non-zero, to prove they are not read)
-    slots = torch.tensor([1, 0, 1, 2, -1, 1])
-    meta = LoraBatchMeta.build(slots, ranks)
-    expect = _reference(x := torch.randn(6, D_IN), slots, [adapters[0], None, adapters[2]])
-    torch.testing.assert_close(lora_delta(x, w, meta).double(), expect, atol=1e-5, rtol=1e-5)
-
-
-def test_bgmv_strided_operands_and_ranks_past_one_chunk(monkeypatch):
-    """Row strides are honoured for all four operands, and a rank above the kernel's 256-row
-    chunk is done in passes."""
-    native_on(monkeypatch)
-    g = torch.Generator().manual_seed(3)
-    ranks = [300, 5, 64]
-    rows = sum(ranks)
-    A = torch.randn(rows, D_IN + 7, generator=g)[:, :D_IN] / D_IN**0.5
-    Bt = torch.randn(rows, D_OUT + 3, generator=g)[:, :D_OUT] / 20
-    x = torch.randn(6, D_IN + 5, generator=g)[:, :D_IN]
-    y0 = torch.randn(6, D_OUT + 9, generator=g)
-    full = y0.clone()
-    y = full[:, :D_OUT]
-    slots = [0, 2, -1, 1, 0, 2]
-    starts = [0, 300, 305]
-    row = torch.tensor([starts[s] if s >= 0 else 0 for s in slots], dtype=torch.int64)
-    rank = torch.tensor([ranks[s] if s >= 0 else 0 for s in slots], dtype=torch.int32)
-    kernels.bgmv(y, x, A, Bt, row, rank)
-    expect = y0[:, :D_OUT].double().clone()
-    for t, s in enumerate(slots):
-        if s >= 0:
-            a, b = A[starts[s]:starts[s] + ranks[s]], Bt[starts[s]:starts[s] + ranks[s]]
-            expect[t] += b.double().T @ (a.double() @ x[t].double())
-    torch.testing.assert_close(y.double(), expect, atol=1e-4, rtol=1e-5)
-    assert torch.equal(full[:, D_OUT:], y0[:, D_OUT:])  # the padding columns are untouched
-    with pytest.raises(ValueError, match="mismatched"):
-        kernels.bgmv(y, x, A, Bt, row.int(), rank)
-
-
-def test_native_is_not_taken_where_it_cannot_serve(monkeypatch):
-    """bf16, float64 and tensors that autograd must see keep the torch paths."""
-    native_on(monkeypatch)
-    x, y = torch.randn(3, D_IN), torch.randn(3, D_OUT)
-    A, Bt = torch.randn(8, D_IN), torch.randn(8, D_OUT)
-    assert kernels.bgmv_usable(x, y, A, Bt)
-    assert not kernels.bgmv_usable(x.bfloat16(), y.bfloat16(), A.bfloat16(), Bt.bfloat16())
-    assert not kernels.bgmv_usable(x.double(), y.double(), A.double(), Bt.double())
-    assert not kernels.bgmv_usable(x.T, y, A, Bt)  # feature stride != 1
-    A.requires_grad_(True)
-    assert not kernels.bgmv_usable(x, y, A, Bt)
-    with torch.no_grad():
-        assert kernels.bgmv_usable(x, y, A, Bt)
-
-
-def test_native_off_by_environment(monkeypatch):
-    monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(lora_op, "USE_NATIVE", True)
-    assert kernels.bgmv_lib() is None
-    assert not kernels.bgmv_usable(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4),
-                                   torch.randn(2, 4))
-
-
-def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, caplog):
-    if not HAVE_CC:
-        pytest.skip("no C compiler")
-    lib = kernels.NativeLib(tmp_path / "k")
-    path = lib.build()
-    assert lib.load() is not None
-    mtime = path.stat().st_mtime_ns
-    assert kernels.NativeLib(tmp_path / "k").build() == path and path.stat().st_mtime_ns == mtime
-    # A compiler that fails (or is missing) gives None with one warning, never an exception.
-    for compiler in (["false"], [str(tmp_path / "no-such-cc")]):
-        bad = kernels.NativeLib(tmp_path / "bad", compiler=compiler)
-        with caplog.at_level("WARNING", logger="serving.engine.kernels"):
-            assert bad.load() is None and bad.load() is None
-        assert sum("native LoRA kernel unavailable" in r.message for r in caplog.records) == 1
-        caplog.clear()
-        with pytest.raises(kernels.KernelBuildError):
-            bad.build()
-    assert not list(tmp_path.glob("bad/*"))  # no half-written library left behind
-
-
-def test_kernel_of_another_abi_is_refused(tmp_path):
-    if not HAVE_CC:
-        pytest.skip("no C compiler")
-    src = tmp_path / "bgmv.c"
-    src.write_text("int bgmv_abi(void) { return 999; }\nvoid bgmv_f32(void) {}\n")
-    assert kernels.NativeLib(tmp_path / "k", source=src).load() is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from serving.engine.adapter_store import AdapterStore, HostAdapter
 from serving.engine.pool import ADAPTER, PoolExhausted, UnifiedPool
@@ -20,6 +21,7 @@ class Resident:
     adapter: HostAdapter
     pages: list[int]
     pins: int = 0
+    rows: Any = None  # the model runner's lora_pool.AdapterRows, made on first use
 
 
 class AdapterCache:
@@ -78,7 +80,7 @@ class AdapterCache:
             if not evict or not self.evict_one():
                 return False
         try:
-            pages = self.pool.alloc(need, ADAPTER)
+            pages = self.pool.alloc(need, ADAPTER, consecutive=True)
         except PoolExhausted:
             return False
         self.pool.write_flat(pages, adapter.flat)

@@ -30,11 +30,6 @@ LAUNCH_MACS = 150_000
 READ_MACS = 6
 # The (d_in + d_out) the per-plan path choice assumes when the caller gives none.
 DEFAULT_COST_DIM = 512
-# Native kernel (kernels/bgmv.c): a run of consecutive tokens of one adapter (a prefill chunk)
-# goes to a GEMM pair instead once it is this many multiply-adds (tokens * rank * (d_in +
-# d_out)). Measured on CPU, one thread: the kernel does ~19 GMAC/s on rows it re-reads from
-# cache, a GEMM pair ~28 GMAC/s after ~16 us of launches; they cross near 1M.
-NATIVE_RUN_GEMM_MACS = 1_000_000
 
 
 @dataclass
@@ -134,19 +129,6 @@ class Plan:
 
 
 @dataclass
-class NativePlan:
-    """One ranks tuple applied by the native kernel: per token, its adapter's first packed row
-    and rank (0 for bare tokens, a skipping slot's tokens, and tokens of ``runs``); ``runs`` are
-    long same-adapter token ranges done as GEMM pairs (first token, end token, first row, rank).
-    """
-
-    row: Tensor  # int64 [T]
-    rank: Tensor  # int32 [T]
-    runs: list[tuple[int, int, int, int]]
-    num_active: int  # tokens the kernel adds to
-
-
-@dataclass
 class LoraBatchMeta:
     """Token slots of one step (prefill segments, then decode tokens) and the plans over them.
 
@@ -163,7 +145,6 @@ class LoraBatchMeta:
     _slots_host: Tensor = field(repr=False)
     cost_dim: int = DEFAULT_COST_DIM  # typical d_in + d_out of a module, for path choice
     _plans: dict[tuple[int, ...], Plan] = field(default_factory=dict, repr=False)
-    _native: dict[tuple, NativePlan] = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -199,42 +180,6 @@ class LoraBatchMeta:
                 raise ValueError(f"weights have {len(ranks)} slots, the batch {len(self.ranks)}")
             cached = self._plans[(ranks, skip)] = self._make_plan(ranks, skip)
         return cached
-
-    def native(self, ranks: Sequence[int], skip: frozenset[int] = frozenset()) -> NativePlan:
-        """The native kernel's plan for a ranks tuple: no sort and no layout, only each token's
-        rows (tensor ops over the tokens; the Python loop is over long runs, a few a step)."""
-        key = (tuple(ranks), skip)
-        cached = self._native.get(key)
-        if cached is None:
-            cached = self._native[key] = self._make_native(*key)
-        return cached
-
-    def _make_native(self, ranks: tuple[int, ...], skip: frozenset[int]) -> NativePlan:
-        k = len(ranks)
-        if k != len(self.ranks):
-            raise ValueError(f"weights have {k} slots, the batch {len(self.ranks)}")
-        rank_of = torch.tensor((*ranks, 0), dtype=torch.int32)  # index k: bare tokens
-        if skip:
-            rank_of[torch.tensor(sorted(skip))] = 0
-        row_of = torch.zeros(k + 1, dtype=torch.long)
-        row_of[1:k] = torch.tensor(ranks[:-1], dtype=torch.long).cumsum(0)
-        host = self._slots_host
-        idx = torch.where(host >= 0, host, k)
-        rank, row = rank_of[idx], row_of[idx]
-        runs: list[tuple[int, int, int, int]] = []
-        T = host.numel()
-        if T:
-            starts = torch.ones(T, dtype=torch.bool)
-            starts[1:] = idx[1:] != idx[:-1]
-            first = starts.nonzero().squeeze(1)
-            length = torch.diff(first, append=torch.tensor([T]))
-            macs = length * rank[first].long() * self.cost_dim
-            for i in (macs >= NATIVE_RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
-                lo, n = int(first[i]), int(length[i])
-                runs.append((lo, lo + n, int(row[lo]), int(rank[lo])))
-                rank[lo:lo + n] = 0
-        return NativePlan(row=row.to(self.device), rank=rank.to(self.device), runs=runs,
-                          num_active=int((rank > 0).sum()))
 
     def _make_plan(self, ranks: tuple[int, ...], skip: frozenset[int]) -> Plan:
         k = len(ranks)

@@ -6,9 +6,6 @@ them in persistent rank bins), never padded to the largest rank. Tokens are sort
 slot) once per step (lora_meta.py), so each distinct rank is a group of adapters whose rows are
 one view. Per module and step, on the host, with no device sync:
 
-- native (CPU, float32, when kernels/ builds): one C call adds every token's delta from its
-  adapter's rows (BGMV), about 20x fewer microseconds than the launches below for a decode
-  step of many adapters; long same-adapter runs (prefill chunks) take a GEMM pair each.
 - whole-plan dense: h = x @ A_span^T over the rows of all live slots, zero the rows of other
   slots, y += h @ B_span^T. Two plain GEMMs, no gather or scatter; taken for one rank group
   when its rows are few (sum_r <= 32) or nearly all used (T * sum_r <= 1.25 * sum_t r_t: in
@@ -35,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from serving.engine import kernels
-from serving.engine.lora_meta import LoraBatchMeta, NativePlan, Plan, RankGroup
+from serving.engine.lora_meta import LoraBatchMeta, Plan, RankGroup
 
 __all__ = ["LoraBatchMeta", "LoraContext", "LoraWeights", "apply_lora", "lora_delta",
            "pack_lora_weights"]
@@ -224,31 +220,11 @@ def _dense(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta, plan: Plan
     y.addmm_(h, w.B.T[plan.rows])
 
 
-def _native(y: Tensor, x: Tensor, w: LoraWeights, plan: NativePlan) -> None:
-    bt = w.B.T
-    if plan.num_active:
-        kernels.bgmv(y, x, w.A, bt, plan.row, plan.rank)
-    for lo, hi, row, r in plan.runs:
-        y[lo:hi].addmm_(x[lo:hi] @ w.A[row:row + r].T, bt[row:row + r])
-
-
-# Tests set this False to run the torch paths where the native kernel would be taken.
-USE_NATIVE = True
-
-
-def _use_native(x: Tensor, y: Tensor, w: LoraWeights) -> bool:
-    return USE_NATIVE and kernels.bgmv_usable(x, y, w.A, w.B.T)
-
-
 def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Tensor:
     """y += B_a A_a x (+ bias_a) for each token's slot a, in place; tokens of slot -1 unchanged.
 
     x: [T, d_in], y: [T, d_out], in the original token order.
     """
-    if _use_native(x, y, w):
-        _native(y, x, w, meta.native(w.ranks, w.skip))
-        _bias(y, w, meta)
-        return y
     plan = meta.plan(w.ranks, w.skip)
     if plan.num_active:
         if plan.dense:
@@ -257,16 +233,12 @@ def apply_lora(y: Tensor, x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Ten
             _grouped_mm(y, x, w, plan)
         else:
             _segmented(y, x, w, meta, plan)
-    _bias(y, w, meta)
-    return y
-
-
-def _bias(y: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> None:
     if w.bias is not None and meta.valid_idx.numel():
         if meta.all_valid:
             y += w.bias.index_select(0, meta.slots)
         else:
             y.index_add_(0, meta.valid_idx, w.bias.index_select(0, meta.valid_slots))
+    return y
 
 
 def lora_delta(x: Tensor, w: LoraWeights, meta: LoraBatchMeta) -> Tensor:
@@ -281,9 +253,6 @@ class LoraContext:
         self.meta = meta
         self.weights = weights
         for w in weights.values():  # plan every ranks tuple now, so the forward is device work
-            if _use_native(w.A, w.A, w):  # x and y share the weights' device and dtype
-                meta.native(w.ranks, w.skip)
-                continue
             plan = meta.plan(w.ranks, w.skip)
             if plan.dense:
                 meta.zero_mask(plan)

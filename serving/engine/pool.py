@@ -68,10 +68,17 @@ class UnifiedPool:
     def pages_for(self, elems: int) -> int:
         return -(-elems // self.page_elems)
 
-    def alloc(self, n: int, kind: str) -> list[int]:
+    def alloc(self, n: int, kind: str, consecutive: bool = False) -> list[int]:
+        """``consecutive``: take the lowest run of n consecutive free pages when there is one
+        (an adapter's weights are then one view the LoRA kernel reads in place), else any."""
         if n > len(self._free):
             raise PoolExhausted(f"need {n} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+        lo = self._free_run(n) if consecutive and n > 1 else None
+        if lo is not None:
+            pages = list(range(lo, lo + n))
+            self._free = [p for p in self._free if not lo <= p < lo + n]
+        else:
+            pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._kind[p] = kind
         self._used[kind] += n
@@ -80,6 +87,15 @@ class UnifiedPool:
             # so they must be finite: whatever a freed page held before, zero it.
             self.storage.index_fill_(0, torch.tensor(pages, device=self.storage.device), 0)
         return pages
+
+    def _free_run(self, n: int) -> int | None:
+        run, prev = 0, -2
+        for p in sorted(self._free):
+            run = run + 1 if p == prev + 1 else 1
+            prev = p
+            if run == n:
+                return p - n + 1
+        return None
 
     def free(self, pages: list[int]) -> None:
         for p in pages:

@@ -1,9 +1,9 @@
 """The model runner: turns a scheduled batch into tensors, runs the model, samples.
 
-Per step it builds the attention metadata (slots, block tables) and the LoRA batch
-metadata (each token's adapter slot). Adapter weights are read from their pool pages into
-persistent slot buffers (lora_slots.py) once, when an adapter first needs a slot; steps
-after that copy nothing for it.
+Per step it builds the attention metadata (slots, block tables) and the LoRA context. On CPU in
+float32, where the native kernel builds, adapters are read in place from their pool pages
+(lora_pool.py); elsewhere their weights are copied from the pool into persistent slot buffers
+(lora_slots.py) once, when an adapter first needs a slot, for the torch operator (lora_op.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
-from serving.engine.adapter_cache import AdapterCache
+from serving.engine import kernels
+from serving.engine.adapter_cache import AdapterCache, Resident
 from serving.engine.attention import AttentionMetadata
+from serving.engine.layout import TARGET_MODULES
 from serving.engine.lora_op import LoraBatchMeta, LoraContext
+from serving.engine.lora_pool import AdapterRows, PoolLoraContext, adapter_rows
 from serving.engine.lora_slots import LoraSlots
 from serving.engine.model import LlamaForServing
 from serving.engine.pool import UnifiedPool
@@ -34,6 +37,11 @@ class ModelRunner:
         # The LoRA operator picks its per-group path for a typical module width.
         dims = self.shape.module_dims().values()
         self.lora_cost_dim = sum(i + o for i, o in dims) // len(dims)
+        probe = torch.empty(1, 1, dtype=dtype, device=self.device)
+        self.native = kernels.bgmv_lib() if kernels.bgmv_usable(probe) else None
+        self.module_keys = [(layer, m) for layer in range(self.shape.num_layers)
+                            for m in TARGET_MODULES]
+        self.adapter_copies = 0  # pool-read adapters whose pages were not consecutive
         # Tests and debugging: request id -> logits of every position it computed.
         self.capture: dict[str, list[torch.Tensor]] | None = None
 
@@ -53,6 +61,32 @@ class ModelRunner:
             return pool.read_flat(cache.resident(adapter.name).pages)
 
         return self.slots.assign(adapters, read)
+
+    @property
+    def lora_path(self) -> str:
+        return "pool pages, native kernel" if self.native else "slot buffers, torch operator"
+
+    def _rows(self, res: Resident, pool: UnifiedPool) -> AdapterRows:
+        rows = res.rows
+        if rows is None or rows.adapter is not res.adapter or not rows.valid():
+            flat = pool.read_flat(res.pages)  # a view of consecutive pages, else a copy
+            copied = flat.data_ptr() != pool.storage[res.pages[0]].data_ptr()
+            rows = res.rows = adapter_rows(res.adapter, flat, self.module_keys, copied)
+            self.adapter_copies += copied
+        return rows
+
+    def _pool_lora(self, batch: Batch, seqs: Seq[Sequence], pool: UnifiedPool,
+                   cache: AdapterCache) -> PoolLoraContext | None:
+        names = sorted({s.adapter for s in seqs if s.adapter})
+        if not names:
+            return None
+        slot_of = {n: i for i, n in enumerate(names)}
+        slots: list[int] = []
+        for seq, n in batch.prefills:
+            slots.extend([slot_of.get(seq.adapter, -1)] * n)
+        slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
+        rows = [self._rows(cache.resident(n), pool) for n in names]
+        return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim)
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,8 +108,10 @@ class ModelRunner:
         )
         all_seqs = [s for s, _ in batch.prefills] + batch.decodes
         lora = None
-        slot_of = self._slot_of(all_seqs, pool, cache)
-        if slot_of:
+        slot_of = {} if self.native else self._slot_of(all_seqs, pool, cache)
+        if self.native:
+            lora = self._pool_lora(batch, all_seqs, pool, cache)
+        elif slot_of:
             slots: list[int] = []
             for seq, n in batch.prefills:
                 slots.extend([slot_of.get(seq.adapter, -1)] * n)

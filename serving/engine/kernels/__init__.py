@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelBuildError", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable"]
+__all__ = ["KernelBuildError", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable",
+           "compiler_available"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
-ABI = 1  # bgmv_abi() of the source this loader calls
+ABI = 2  # bgmv_abi() of the source this loader calls
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
@@ -64,6 +65,14 @@ def default_compiler() -> list[str]:
     if found is None:
         raise KernelBuildError("no C compiler found (set CC, or install gcc)")
     return [found]
+
+
+def compiler_available() -> bool:
+    try:
+        default_compiler()
+    except KernelBuildError:
+        return False
+    return True
 
 
 class NativeLib:
@@ -137,8 +146,7 @@ class NativeLib:
             raise OSError(f"{path} has ABI {lib.bgmv_abi()}, this loader needs {ABI}")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.bgmv_f32.restype = None
-        lib.bgmv_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64,
-                                 ptr, ptr]
+        lib.bgmv_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, i64, ptr]
         return lib
 
 
@@ -154,36 +162,31 @@ def bgmv_lib() -> ctypes.CDLL | None:
     return _default.load() if enabled() else None
 
 
-def bgmv_usable(x: Tensor, y: Tensor, A: Tensor, Bt: Tensor) -> bool:
-    """Whether ``bgmv`` takes these tensors: float32 on the CPU, unit stride along features,
-    and no autograd to feed (the kernel records no graph)."""
-    ts = (x, y, A, Bt)
+def bgmv_usable(*tensors: Tensor) -> bool:
+    """Whether ``bgmv`` takes these tensors (x, y and the weights): float32 on the CPU, 2-D
+    with unit stride along features, and no autograd to feed (the kernel records no graph)."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2
-           or t.stride(1) != 1 for t in ts):
+           or t.stride(1) != 1 for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return bgmv_lib() is not None
 
 
-def bgmv(y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, row: Tensor, rank: Tensor,
-         lib: ctypes.CDLL | None = None) -> Tensor:
-    """y[t] += Bt[row[t]:row[t]+rank[t]].T @ (A[row[t]:row[t]+rank[t]] @ x[t]), in place.
+def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
+    """y[t] += B_t^T (A_t x[t]) + bias_t in place, for every token t with a rank.
 
-    x [T, d_in], y [T, d_out], A [rows, d_in], Bt [rows, d_out]: float32 CPU tensors with unit
-    stride along features (``bgmv_usable``); row int64 [T], rank int32 [T] (0 = no delta).
-    Indices are the caller's to keep in range: the kernel reads A and Bt at them unchecked.
+    ``where`` is int64 [4, T]: per token the address of its adapter's A [r, d_in] and B^T
+    [r, d_out] (contiguous float32 rows), of its bias [d_out] (0: none), and r (0: no delta).
+    x [T, d_in] and y [T, d_out] must pass ``bgmv_usable``. The kernel dereferences the
+    addresses unchecked: they must point into live tensors the caller keeps alive.
     """
-    lib = lib or bgmv_lib()
-    if lib is None:
-        raise KernelBuildError("the native LoRA kernel is unavailable")
     T = x.shape[0]
-    if y.shape[0] != T or row.shape != (T,) or rank.shape != (T,) or row.dtype != torch.int64 \
-            or rank.dtype != torch.int32 or A.shape[1] != x.shape[1] \
-            or Bt.shape[1] != y.shape[1] or not (row.is_contiguous() and rank.is_contiguous()):
-        raise ValueError("bgmv: mismatched shapes or index dtypes")
+    if y.shape[0] != T or where.shape != (4, T) or where.dtype != torch.int64 \
+            or not where.is_contiguous():
+        raise ValueError(f"bgmv: x {tuple(x.shape)}, y {tuple(y.shape)} and where "
+                         f"{tuple(where.shape)} {where.dtype} do not match")
     if T:
         lib.bgmv_f32(T, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1],
-                     y.shape[1], A.data_ptr(), A.stride(0), Bt.data_ptr(), Bt.stride(0),
-                     row.data_ptr(), rank.data_ptr())
+                     y.shape[1], where.data_ptr())
     return y

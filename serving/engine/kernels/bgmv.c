@@ -2,11 +2,12 @@
  * adapter's rows, so one call adds the deltas of any number of adapters of any ranks, with
  * no sort, no gather of x, no padding to a rank and no per-adapter launch.
  *
- *   y[t] += Bt[row_t : row_t + r_t]^T (A[row_t : row_t + r_t] x[t])     for r_t > 0
+ *   y[t] += B_t^T (A_t x[t]) + bias_t      for each token t with rank r_t > 0
  *
- * A is [rows, d_in] and Bt is [rows, d_out], row-major with leading dimensions lda and ldb (an
- * adapter's rank rows are consecutive); x and y are row-major with leading dimensions ldx and
- * ldy. Float32 only.
+ * where[4][T] gives, per token, the addresses of its adapter's A_t [r_t, d_in] and B_t^T
+ * [r_t, d_out] (row-major, contiguous: the adapter store's flat layout, read in place from the
+ * pool's pages), of its bias [d_out] (0: none) and r_t. x and y are row-major with leading
+ * dimensions ldx and ldy. Float32 only.
  * Four rank rows are done at a time so each load of x (A side) and of y (B side) serves four
  * multiply-adds. target_clones picks the widest vector ISA the running CPU has, so one build
  * is portable across x86-64 machines.
@@ -66,19 +67,26 @@ static inline void expand(const float *restrict h, const float *restrict b, int6
 
 CLONES
 void bgmv_f32(int64_t num_tokens, const float *x, int64_t ldx, float *y, int64_t ldy,
-              int64_t d_in, int64_t d_out, const float *A, int64_t lda, const float *Bt,
-              int64_t ldb, const int64_t *row, const int32_t *rank) {
+              int64_t d_in, int64_t d_out, const int64_t *where) {
+    const int64_t *a_at = where, *b_at = where + num_tokens, *bias_at = where + 2 * num_tokens,
+                  *rank = where + 3 * num_tokens;
     float h[CHUNK];
     for (int64_t t = 0; t < num_tokens; t++) {
-        int32_t r = rank[t];
+        int32_t r = (int32_t)rank[t];
+        const float *a = (const float *)(intptr_t)a_at[t], *b = (const float *)(intptr_t)b_at[t];
+        float *yt = y + t * ldy;
         for (int32_t c = 0; c < r; c += CHUNK) {
             int32_t n = r - c < CHUNK ? r - c : CHUNK;
-            int64_t first = row[t] + c;
-            shrink(x + t * ldx, A + first * lda, d_in, lda, n, h);
-            expand(h, Bt + first * ldb, d_out, ldb, n, y + t * ldy);
+            shrink(x + t * ldx, a + (int64_t)c * d_in, d_in, d_in, n, h);
+            expand(h, b + (int64_t)c * d_out, d_out, d_out, n, yt);
+        }
+        if (r > 0 && bias_at[t]) {
+            const float *bias = (const float *)(intptr_t)bias_at[t];
+#pragma omp simd
+            for (int64_t o = 0; o < d_out; o++) yt[o] += bias[o];
         }
     }
 }
 
 /* The ABI version the Python loader checks, so a stale build is never called. */
-int bgmv_abi(void) { return 1; }
+int bgmv_abi(void) { return 2; }

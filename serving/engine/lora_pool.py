@@ -1,0 +1,127 @@
+"""LoRA read in place from the unified pool's pages (CPU, float32, the native BGMV kernel).
+
+S-LoRA's unified paging serves adapters from the pages they are resident in; the slot buffers
+(lora_slots.py) instead copy each adapter joining a batch into per-module rank bins, which on
+CPU cost more per step than the deltas themselves. Here nothing is copied:
+
+- ``AdapterRows``: per resident adapter, once, the address of each module's A [r, d_in], B^T
+  [r, d_out] and bias inside its pages (the adapter store's flat layout; the cache allocates an
+  adapter's pages as one consecutive run, so its weights are one view of the pool). An adapter
+  whose pages could not be consecutive gets one private contiguous copy, counted.
+- ``PoolLoraContext``: per step, one index of the batch's address tables gives every token's
+  addresses for every module; per module one kernel call adds all deltas, whatever the mix of
+  adapters and ranks. A long run of one adapter's tokens (a prefill chunk) is instead a GEMM
+  pair on views of its weights, where a GEMM's throughput beats the per-token kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from serving.engine import kernels
+from serving.engine.adapter_store import HostAdapter, ModuleKey, unpack
+
+# A run of one adapter's consecutive tokens goes to a GEMM pair once it is this many
+# multiply-adds (tokens * rank * (d_in + d_out)). Measured on CPU, one thread: the kernel does
+# ~19 GMAC/s, a GEMM pair ~28 GMAC/s after ~16 us of launches; they cross near 1M.
+RUN_GEMM_MACS = 1_000_000
+_F32 = 4  # bytes
+
+
+@dataclass
+class AdapterRows:
+    """Where a resident adapter's weights are, for the kernel."""
+
+    adapter: HostAdapter
+    flat: Tensor  # its weights: a view of its pool pages (or a copy); kept alive here
+    table: Tensor  # int64 [modules, 4]: A address, B^T address, bias address (0: none), rank
+    copied: bool  # its pages were not consecutive, so ``flat`` is a private copy
+    base: int = 0  # flat's address when the table was made
+
+    def valid(self) -> bool:
+        """The table still points at ``flat`` (a storage moved, e.g. to shared memory, would
+        leave it pointing at freed memory)."""
+        return self.flat.data_ptr() == self.base
+
+
+def adapter_rows(adapter: HostAdapter, flat: Tensor, keys: Sequence[ModuleKey],
+                 copied: bool = False) -> AdapterRows:
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous() \
+            or flat.numel() < adapter.flat.numel():
+        raise ValueError("adapter rows need its flat float32 weights, contiguous on the CPU")
+    base = flat.data_ptr()
+    rows = []
+    for key in keys:
+        s = adapter.layout.get(key)
+        if s is None or s.rank == 0:
+            rows.append((0, 0, 0, 0))
+            continue
+        a = base + s.offset * _F32
+        b = a + s.rank * s.d_in * _F32
+        rows.append((a, b, b + s.rank * s.d_out * _F32 if s.has_bias else 0, s.rank))
+    table = torch.tensor(rows, dtype=torch.int64).view(len(keys), 4)
+    return AdapterRows(adapter, flat, table, copied, base)
+
+
+class PoolLoraContext:
+    """What the model sees for one step: ``y = lora.apply(layer, module, x, y)``.
+
+    ``token_slots[t]`` indexes ``adapters`` (-1: the bare base model).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, token_slots: Sequence[int],
+                 adapters: Sequence[AdapterRows], keys: Sequence[ModuleKey], cost_dim: int):
+        self.lib = lib
+        self.adapters = list(adapters)
+        self.keys = list(keys)
+        self.index = {key: m for m, key in enumerate(self.keys)}
+        M, k = len(self.keys), len(self.adapters)
+        slots = torch.as_tensor(list(token_slots), dtype=torch.long)
+        if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= k):
+            raise ValueError(f"token slots must lie in -1..{k - 1}")
+        tables = [a.table for a in self.adapters] + [torch.zeros(M, 4, dtype=torch.int64)]
+        idx = torch.where(slots >= 0, slots, k)
+        # [modules, 4, tokens]: each module's [4, T] block is what the kernel reads.
+        self.where = torch.stack(tables)[idx].permute(1, 2, 0).contiguous()
+        self.runs: dict[int, list[tuple[int, int, int]]] = {}
+        self._gemm_runs(idx, k, cost_dim)
+
+    def _gemm_runs(self, idx: Tensor, bare: int, cost_dim: int) -> None:
+        """Take long same-adapter token runs away from the kernel, per module (a module's rank
+        decides), into GEMM pairs. The loop is over long runs only: prefill chunks."""
+        T = idx.numel()
+        if not T:
+            return
+        starts = torch.ones(T, dtype=torch.bool)
+        starts[1:] = idx[1:] != idx[:-1]
+        first = starts.nonzero().squeeze(1)
+        length = torch.diff(first, append=torch.tensor([T]))
+        slot = idx[first]
+        max_rank = self.where[:, 3, :].max(0).values  # per token, over modules
+        long = (slot != bare) & (length * max_rank[first] * cost_dim >= RUN_GEMM_MACS)
+        for i in long.nonzero().squeeze(1).tolist():
+            lo, n, j = int(first[i]), int(length[i]), int(slot[i])
+            ranks = self.adapters[j].table[:, 3]
+            for m in (ranks * n * cost_dim >= RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
+                self.where[m, 3, lo:lo + n] = 0
+                self.runs.setdefault(m, []).append((lo, lo + n, j))
+
+    def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
+        m = self.index.get((layer, module))
+        if m is None:
+            return y
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        kernels.bgmv(self.lib, y, x, self.where[m])
+        for lo, hi, j in self.runs.get(m, ()):
+            rows = self.adapters[j]
+            A, B, bias = unpack(rows.flat, rows.adapter.layout[self.keys[m]])
+            y[lo:hi].addmm_(x[lo:hi] @ A.T, B.T)
+            if bias is not None:
+                y[lo:hi] += bias
+        return y

@@ -1,0 +1,197 @@
+"""LoRA read in place from pool pages by the native kernel, against a per-token reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from serving.engine import kernels, lora_pool
+from serving.engine.adapter_store import build_host_adapter, unpack
+from serving.engine.layout import TARGET_MODULES, ModelShape
+from serving.engine.lora_pool import PoolLoraContext, adapter_rows
+from serving.engine.pool import ADAPTER, KV, UnifiedPool
+
+SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                   num_kv_heads=2, head_dim=8, vocab_size=50)
+KEYS = [(layer, m) for layer in range(SHAPE.num_layers) for m in TARGET_MODULES]
+DIMS = SHAPE.module_dims()
+COST_DIM = 96
+
+pytestmark = pytest.mark.skipif(not kernels.compiler_available(),
+                                reason="no C compiler: the native kernel cannot be built here")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.bgmv_lib()
+    assert lib is not None, "a C compiler is present but the kernel did not build"
+    return lib
+
+
+def _adapter(name, rank, seed, modules=TARGET_MODULES, bias=False, ranks=None):
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(SHAPE.num_layers):
+        for m in modules:
+            r = (ranks or {}).get(m, rank)
+            d_in, d_out = DIMS[m]
+            weights[(layer, m)] = (torch.randn(r, d_in, generator=g) / d_in**0.5,
+                                   torch.randn(d_out, r, generator=g) / r**0.5,
+                                   torch.randn(d_out, generator=g) if bias else None)
+    return build_host_adapter(name, weights, SHAPE)
+
+
+def _reference(adapters, slots, key, x):
+    out = torch.zeros(x.shape[0], DIMS[key[1]][1], dtype=torch.float64)
+    for t, s in enumerate(slots):
+        if s >= 0 and key in adapters[s].layout:
+            A, B, bias = unpack(adapters[s].flat, adapters[s].layout[key])
+            out[t] = B.double() @ (A.double() @ x[t].double())
+            if bias is not None:
+                out[t] += bias.double()
+    return out
+
+
+def _check(ctx, adapters, slots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for key in KEYS:
+        d_in, d_out = DIMS[key[1]]
+        x = torch.randn(len(slots), d_in, generator=g)
+        y0 = torch.randn(len(slots), d_out, generator=g)
+        y = ctx.apply(*key, x, y0.clone())
+        torch.testing.assert_close(y.double() - y0.double(), _reference(adapters, slots, key, x),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _mix():
+    return [_adapter("r8", 8, 1), _adapter("r2-qv", 2, 2, modules=("q_proj", "v_proj")),
+            _adapter("biased", 4, 3, bias=True), _adapter("r16", 16, 4),
+            _adapter("patterned", 8, 5, ranks={"up_proj": 2, "o_proj": 1})]
+
+
+@pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 5_000, 1])
+def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
+    """Prefill chunks then decode tokens, bare tokens among them, adapters of different ranks,
+    targets, rank patterns and biases; long runs to GEMM pairs at three thresholds (none,
+    some, every run)."""
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", gemm_macs)
+    adapters = _mix()
+    rng = random.Random(gemm_macs)
+    slots = [3] * 40 + [-1] * 5 + [4] * 9 + [2] * 12
+    slots += [rng.choice(range(-1, len(adapters))) for _ in range(30)]
+    rows = [adapter_rows(a, a.flat, KEYS) for a in adapters]
+    ctx = PoolLoraContext(lib, slots, rows, KEYS, COST_DIM)
+    if gemm_macs == 1:
+        assert all(not bool(ctx.where[m, 3].any()) for m in range(len(KEYS)))
+    if gemm_macs == 5_000:
+        assert ctx.runs and any(ctx.where[m, 3].any() for m in range(len(KEYS)))
+    _check(ctx, adapters, slots)
+
+
+def test_rank_past_one_kernel_chunk_and_strided_inputs(lib):
+    """Ranks above the kernel's 256-row chunk are done in passes; x with a row stride above
+    its width is read in place, and a non-unit feature stride is made contiguous first."""
+    adapters = [_adapter("big", 300, 6, modules=("q_proj",)), _adapter("r3", 3, 7)]
+    slots = [0, 1, -1, 0, 1]
+    ctx = PoolLoraContext(lib, slots, [adapter_rows(a, a.flat, KEYS) for a in adapters], KEYS,
+                          COST_DIM)
+    key = (1, "q_proj")
+    wide = torch.randn(len(slots), 50)
+    for x in (wide[:, :32], torch.randn(32, len(slots)).T):
+        y = ctx.apply(*key, x, torch.zeros(len(slots), 32))
+        torch.testing.assert_close(y.double(), _reference(adapters, slots, key, x),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_edge_cases_and_bad_slots(lib):
+    a = _adapter("r4", 4, 8)
+    rows = [adapter_rows(a, a.flat, KEYS)]
+    for slots in ([], [-1, -1]):
+        ctx = PoolLoraContext(lib, slots, rows, KEYS, COST_DIM)
+        y = torch.randn(len(slots), 32)
+        assert torch.equal(ctx.apply(0, "q_proj", torch.randn(len(slots), 32), y.clone()), y)
+    ctx = PoolLoraContext(lib, [0], rows, KEYS, COST_DIM)
+    y = torch.randn(1, 32)
+    assert ctx.apply(9, "q_proj", torch.randn(1, 32), y) is y  # a module nobody targets
+    with pytest.raises(ValueError, match="token slots"):
+        PoolLoraContext(lib, [1], rows, KEYS, COST_DIM)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.bgmv(lib, torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="flat float32"):
+        adapter_rows(a, a.flat.double(), KEYS)
+
+
+def test_reads_adapters_in_place_from_consecutive_pool_pages(lib):
+    """The cache's adapters take a run of consecutive pages, so their weights are one view of
+    the pool: the kernel reads them there. Scattered pages (no run free) are copied once."""
+    pool = UnifiedPool(64, SHAPE, block_size=16)
+    a, b = _adapter("r8", 8, 1), _adapter("biased", 4, 3, bias=True)
+    need = pool.pages_for(a.flat.numel())
+    assert need > 1
+    kv = pool.alloc(6, KV)
+    pool.free(kv[1::2])  # holes of one page: a run must skip them
+    pages = pool.alloc(need, ADAPTER, consecutive=True)
+    assert pages == list(range(5, 5 + need))  # the lowest run: past the holes at 1 and 3
+    pool.write_flat(pages, a.flat)
+    flat = pool.read_flat(pages)
+    assert flat.data_ptr() == pool.storage[pages[0]].data_ptr()  # a view, not a copy
+    rows = adapter_rows(a, flat, KEYS)
+    assert rows.valid()
+    # Scattered: odd pages only, so no two are consecutive.
+    spread = UnifiedPool(64, SHAPE, block_size=16)
+    taken = spread.alloc(64, KV)
+    spread.free(taken[1::2])
+    assert spread.alloc(need, ADAPTER, consecutive=True) != list(range(need))  # falls back
+    slots = [0, 1, 1, -1, 0]
+    ctx = PoolLoraContext(lib, slots, [rows, adapter_rows(b, b.flat.clone(), KEYS, True)], KEYS,
+                          COST_DIM)
+    _check(ctx, [a, b], slots)
+    # A storage that moves (share_memory_ reallocates) invalidates the addresses.
+    moved = adapter_rows(b, b.flat.clone(), KEYS)
+    moved.flat.share_memory_()
+    assert not moved.valid()
+
+
+# -- the kernel library: build, cache, fallbacks ----------------------------------------------
+def test_native_is_not_taken_where_it_cannot_serve(lib):
+    """bf16, float64, non-unit feature strides and tensors autograd must see keep the torch
+    paths."""
+    x = torch.randn(3, 4)
+    assert kernels.bgmv_usable(x, x)
+    assert not kernels.bgmv_usable(x.bfloat16()) and not kernels.bgmv_usable(x.double())
+    assert not kernels.bgmv_usable(x.T)
+    w = torch.randn(3, 4, requires_grad=True)
+    assert not kernels.bgmv_usable(x, w)
+    with torch.no_grad():
+        assert kernels.bgmv_usable(x, w)
+
+
+def test_off_by_environment(monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
+    assert kernels.bgmv_lib() is None and not kernels.bgmv_usable(torch.randn(2, 4))
+
+
+def test_build_is_cached_and_failures_fall_back(tmp_path, caplog):
+    lib = kernels.NativeLib(tmp_path / "k")
+    path = lib.build()
+    assert lib.load() is not None
+    mtime = path.stat().st_mtime_ns
+    assert kernels.NativeLib(tmp_path / "k").build() == path and path.stat().st_mtime_ns == mtime
+    # A compiler that fails, or is missing, gives None with one warning, never an exception.
+    for compiler in (["false"], [str(tmp_path / "no-such-cc")]):
+        bad = kernels.NativeLib(tmp_path / "bad", compiler=compiler)
+        with caplog.at_level("WARNING", logger="serving.engine.kernels"):
+            assert bad.load() is None and bad.load() is None
+        assert sum("native LoRA kernel unavailable" in r.message for r in caplog.records) == 1
+        caplog.clear()
+        with pytest.raises(kernels.KernelBuildError):
+            bad.build()
+    assert not list(tmp_path.glob("bad/*"))  # no half-written library left behind
+
+
+def test_library_of_another_abi_is_refused(tmp_path):
+    src = tmp_path / "bgmv.c"
+    src.write_text("int bgmv_abi(void) { return 999; }\nvoid bgmv_f32(void) {}\n")
+    assert kernels.NativeLib(tmp_path / "k", source=src).load() is None
