@@ -121,9 +121,9 @@ def instrument(engine: Engine) -> dict[str, float]:
     """Accumulate wall time of the step's parts by wrapping instance methods (no engine edit).
 
     schedule includes adapter loads into the pool (admission and prefetch); execute includes
-    slot assignment (copying adapters that join the batch from their pool pages into the
-    persistent slot buffers) and the model forward; the rest of step() is draining the inbox
-    and per-token bookkeeping.
+    the step's LoRA setup (per-token addresses of adapter rows in the pool; on the slot path,
+    copying adapters that join the batch into the slot buffers) and the model forward; the
+    rest of step() is draining the inbox and per-token bookkeeping.
     """
     acc: dict[str, float] = defaultdict(float)
 
@@ -142,7 +142,8 @@ def instrument(engine: Engine) -> dict[str, float]:
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.cache, "load", "adapter_load")
     wrap(engine.runner, "execute", "execute")
-    wrap(engine.runner.slots, "assign", "slot_assign")
+    wrap(engine.runner.slots, "assign", "lora_setup")
+    wrap(engine.runner, "_pool_lora", "lora_setup")
     wrap(engine.runner.model, "forward", "forward")
     wrap(engine.runner.model, "compute_logits", "logits")
 
@@ -187,7 +188,8 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
                     adapters=names[:2])
     engine.release_idle_adapters()
     acc = instrument(engine)
-    steps0, copies0 = engine.steps, engine.runner.slots.copies
+    steps0 = engine.steps
+    copies0 = engine.runner.slots.copies + engine.runner.adapter_copies
     loads0, evictions0 = engine.cache.loads, engine.cache.evictions
     records = [Record(r.arrival_s, r.output_len) for r in trace]
     by_id: dict[str, int] = {}
@@ -230,10 +232,10 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
     breakdown = {
         "schedule_excl_adapter_load": acc["schedule"] - acc["adapter_load"],
         "adapter_load": acc["adapter_load"],
-        "slot_assign": acc["slot_assign"],
+        "lora_setup": acc["lora_setup"],
         "forward": acc["forward"],
         "logits": acc["logits"],
-        "execute_other": acc["execute"] - acc["slot_assign"] - acc["forward"] - acc["logits"],
+        "execute_other": acc["execute"] - acc["lora_setup"] - acc["forward"] - acc["logits"],
         "step_other": step_s - acc["schedule"] - acc["execute"],
     }
     res.update({
@@ -242,7 +244,8 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
         "step_ms_mean": round(step_s / max(steps, 1) * 1e3, 3),
         "idle_share": round(1 - step_s / wall, 4),
         "step_time_share": {k: round(v / step_s, 4) for k, v in breakdown.items()},
-        "slot_copies": engine.runner.slots.copies - copies0,
+        "lora_path": engine.runner.lora_path,
+        "adapter_copies": engine.runner.slots.copies + engine.runner.adapter_copies - copies0,
         "slot_buffer_mib": round(engine.runner.slots.nbytes / 2**20, 2),
         "active_adapters_per_step_mean": round(acc["active_adapters"] / max(steps, 1), 2),
         "active_adapter_mib_per_step_mean": round(
@@ -616,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_definition": "first token time minus the request's scheduled arrival time",
         "tpot_definition": "(finish - first token) / (output_len - 1), mean over requests",
         "step_time_share": "engine step wall time split by wrapping engine methods: schedule, "
-                           "adapter_load (pool writes), slot_assign (adapters joining the "
-                           "batch copied from pool pages into the persistent slot buffers), "
+                           "adapter_load (pool writes), lora_setup (the step's LoRA context: "
+                           "per-token addresses of adapter rows in the pool, or, on the slot "
+                           "path, adapters joining the batch copied into slot buffers), "
                            "forward, logits, other",
     }
     print(json.dumps({"benchmark": "serving", "config": config, "results": results,
