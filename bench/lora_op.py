@@ -1,11 +1,17 @@
 """Heterogeneous batched LoRA operator micro-benchmark (BENCHMARKS.md section 4).
 
-Prints one JSON object. Per (tokens, k adapters, module shape): time of our operator, of a
-per-adapter Python loop (index each adapter's tokens, two matmuls, as PEFT's mixed batch does) and
-of gather+bmm over weights padded to the largest rank (the vLLM/Punica torch fallback), and the
-time of the base GEMM x @ W^T it rides on. Ranks cycle over {64, 32, 16, 8} as in S-LoRA's S2;
-the engine numbers slots in rank order, and `ours_slots_unordered` shows the cost of not doing so.
-All sides run round-robin in this process on the same inputs; medians after a warm-up.
+Prints one JSON object. Per (tokens, k adapters, module shape) it times:
+- ours: the operator the engine runs on this device. On CPU in float32 that is the native
+  kernel reading adapters in place (lora_pool.py); elsewhere the torch operator.
+- torch_operator: the torch operator over packed weights (the engine's slot-buffer path).
+- loop: a per-adapter Python loop (index each adapter's tokens, two matmuls), as PEFT's mixed
+  batch does.
+- gather_bmm: gather+bmm over weights padded to the largest rank (the vLLM/Punica torch
+  fallback).
+- base_gemm: the base GEMM x @ W^T the delta rides on.
+Ranks cycle over {64, 32, 16, 8} as in S-LoRA's S2; the engine numbers slots in rank order, and
+`ours_slots_unordered` shows the torch operator's cost of not doing so. All sides run
+round-robin in this process on the same inputs; medians after a warm-up.
 
     python bench/lora_op.py --quick                 # under 30 s on 2 CPU cores
     python bench/lora_op.py                         # 15 repeats, adds the 2816 -> 1024 shape
@@ -29,12 +35,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from serving.engine import lora_meta, lora_op  # noqa: E402
+from serving.engine import kernels, lora_meta, lora_op  # noqa: E402
+from serving.engine.adapter_store import build_host_adapter  # noqa: E402
+from serving.engine.layout import ModelShape  # noqa: E402
 from serving.engine.lora_op import LoraBatchMeta, apply_lora, pack_lora_weights  # noqa: E402
 
 RANKS = (64, 32, 16, 8)
 SHAPES = {"attn": (1024, 1024), "mlp": (1024, 2816)}
 FULL_SHAPES = {**SHAPES, "mlp_down": (2816, 1024)}
+MODULE_OF = {"attn": "q_proj", "mlp": "up_proj", "mlp_down": "down_proj"}
+# One layer whose q_proj, up_proj and down_proj have the shapes above.
+POOL_SHAPE = ModelShape(num_layers=1, hidden_size=1024, intermediate_size=2816, num_heads=16,
+                        num_kv_heads=16, head_dim=64, vocab_size=8)
 BARE_SHARE = 1 / 8  # share of sequences on the bare base model (slot -1)
 
 
@@ -112,6 +124,7 @@ def run_case(workload, k, shape, args, dtype, rng) -> dict:
     idx = torch.where(slots >= 0, slots, k)
     fns = {
         "ours": lambda: apply_lora(y, x, w, meta),
+        "torch_operator": lambda: apply_lora(y, x, w, meta),
         "loop": lambda: loop_baseline(y, x, slots, adapters),
         "gather_bmm": lambda: gather_bmm_baseline(y, x, idx, Ap, Bp),
         "base_gemm": lambda: F.linear(x, W),
@@ -124,12 +137,27 @@ def run_case(workload, k, shape, args, dtype, rng) -> dict:
         meta_cyc = LoraBatchMeta.build([inv[s] if s >= 0 else -1 for s in slots_list],
                                        [ranks[p] for p in perm], dev, cost_dim=d_in + d_out)
         fns["ours_slots_unordered"] = lambda: apply_lora(y, x, w_cyc, meta_cyc)
+    lib = kernels.bgmv_lib() if kernels.bgmv_usable(x, y) else None
+    ours = lambda y: apply_lora(y, x, w, meta)  # noqa: E731
+    if lib is not None:  # what the engine runs here: adapters read in place by the kernel
+        from serving.engine.lora_pool import PoolLoraContext, adapter_rows
+        key = (0, MODULE_OF[shape])
+        host = [build_host_adapter(f"a{i}", {key: (A, B, None)}, POOL_SHAPE)
+                for i, (A, B) in enumerate(adapters)]
+        rows = [adapter_rows(h, h.flat, [key]) for h in host]
+        t0 = time.perf_counter()
+        ctx = PoolLoraContext(lib, slots_list, rows, [key], d_in + d_out)
+        meta_ms = (time.perf_counter() - t0) * 1e3
+        ours = lambda y: ctx.apply(*key, x, y)  # noqa: E731
+        fns["ours"] = lambda: ours(y)
     with torch.inference_mode():
         # Same answer as the loop, or the timing means nothing.
-        check = (apply_lora(torch.zeros_like(y), x, w, meta)
+        check = (ours(torch.zeros_like(y))
                  - loop_baseline(torch.zeros_like(y), x, slots, adapters)).abs().max().item()
         ms = time_round_robin(fns, args.repeats, dev)
-    if plan.dense:
+    if lib is not None:
+        path = f"native kernel, {sum(len(v) for v in ctx.runs.values())} GEMM runs"
+    elif plan.dense:
         path = "dense"
     elif lora_op._use_grouped_mm(x, w):
         path = f"grouped_mm x{len(plan.groups)}"
@@ -145,6 +173,7 @@ def run_case(workload, k, shape, args, dtype, rng) -> dict:
         "op_vs_loop": round(ms["ours"] / ms["loop"], 4),
         "op_vs_gather_bmm": round(ms["ours"] / ms["gather_bmm"], 4),
         "op_share_of_base_gemm": round(ms["ours"] / base, 4),
+        "op_vs_torch_operator": round(ms["ours"] / ms["torch_operator"], 4),
         "base_gemm_gflops": round(2 * T * d_in * d_out / base / 1e6, 2),
     }
 
@@ -177,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for k in ks:
         mine = [r for r in rows if r["k"] == k]
-        for key in ("op_vs_loop", "op_vs_gather_bmm", "op_share_of_base_gemm"):
+        for key in ("op_vs_loop", "op_vs_gather_bmm", "op_share_of_base_gemm",
+                    "op_vs_torch_operator"):
             ratios[f"{key}_k{k}"] = geomean([r[key] for r in mine])
     print(json.dumps({
         "benchmark": "lora_op",

@@ -75,7 +75,7 @@ QUICK = dict(
     model=ModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=704, vocab_size=2048),
     ranks=(16, 8, 4, 2), num_requests=64, input_range=(8, 32), output_range=(4, 16),
-    alphas=(1.0,), repeats=3,
+    alphas=(1.0,), repeats=5,
 )
 N_PEFT = 100  # adapters in the PEFT model (S-LoRA's HF PEFT figure is at 100)
 N1_ADAPTER = 1  # the adapter every request uses in engine_n1 (rank ranks[1])
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", help="comma-separated ranks cycled over adapters "
                                         "(default: 64,32,16,8; quick 16,8,4,2)")
     parser.add_argument("--repeats", type=int,
-                        help="runs of each saturated engine side, median kept (default: 3 "
+                        help="runs of each saturated engine side, median kept (default: 5 "
                              "quick, 1 full; the PEFT sides run once, they take 5-20x longer)")
     parser.add_argument("--skip-moderate", action="store_true")
     args = parser.parse_args(argv)
