@@ -567,5 +567,14 @@ def test_dockerfiles_run_non_root_from_the_lock(dockerfile: str):
         assert "torch.__version__ == '2.13.0+${TORCH_CUDA}'" in text
     else:
         assert "torch.__version__ == '2.13.0+cpu'" in text
+        # The native LoRA kernel is built in the build stage; the runtime has no compiler and
+        # finds it through ADAPTERHUB_KERNELS_DIR.
+        build, runtime = text.split("\nFROM ${PYTHON_IMAGE}\n")
+        assert "-m serving.engine.kernels" in build and "gcc" in build
+        assert "gcc" not in runtime
+        assert "COPY --from=build /opt/adapterhub/kernels /opt/adapterhub/kernels" in runtime
+        assert "ADAPTERHUB_KERNELS_DIR=/opt/adapterhub/kernels" in runtime
+        pyproject = (ROOT / "pyproject.toml").read_text()
+        assert '"serving.engine.kernels" = ["*.c"]' in pyproject  # the source ships in wheels
     lock = (ROOT / "requirements.lock").read_text()
     assert re.search(r"^torch==2\.13\.0\+cpu$", lock, flags=re.M)

@@ -195,3 +195,16 @@ def test_library_of_another_abi_is_refused(tmp_path):
     src = tmp_path / "bgmv.c"
     src.write_text("int bgmv_abi(void) { return 999; }\nvoid bgmv_f32(void) {}\n")
     assert kernels.NativeLib(tmp_path / "k", source=src).load() is None
+
+
+def test_prebuilt_library_serves_where_no_compiler_is(tmp_path, monkeypatch):
+    """A container image builds the kernel in its build stage and ships no compiler."""
+    path = kernels.NativeLib(tmp_path / "k").build()
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(kernels.sysconfig, "get_config_var", lambda name: None)
+    assert not kernels.compiler_available()
+    assert kernels.NativeLib(tmp_path / "k").build() == path
+    assert kernels.NativeLib(tmp_path / "k").load() is not None
+    with pytest.raises(kernels.KernelBuildError, match="no C compiler"):
+        kernels.NativeLib(tmp_path / "none").build()

@@ -10,7 +10,8 @@ Where no compiler is found, the build fails, or ``ADAPTERHUB_NATIVE_KERNELS=0``,
 returns None once with a warning and the operator keeps its torch paths, which give the same
 results. Builds are cached by a hash of the source, compiler and flags in
 ``ADAPTERHUB_KERNELS_DIR`` (default ``~/.cache/adapterhub/kernels``); ``python -m
-serving.engine.kernels`` builds ahead of time (setup and the container image do).
+serving.engine.kernels`` builds ahead of time (setup and the container image do). Where no
+compiler is found, a library built earlier from the same source is used (the image's).
 """
 
 from __future__ import annotations
@@ -87,28 +88,42 @@ class NativeLib:
         self._loaded: ctypes.CDLL | None = None
         self._failed: str | None = None
 
+    def _source_hash(self) -> str:
+        return hashlib.sha256(self.source.read_bytes()).hexdigest()[:12]
+
     def _key(self, cmd: list[str], flags: tuple[str, ...]) -> str:
         try:
             version = subprocess.run([*cmd, "--version"], capture_output=True, text=True,
                                      timeout=30).stdout
         except (OSError, subprocess.SubprocessError) as exc:
             raise KernelBuildError(f"C compiler {cmd[0]!r} does not run: {exc}") from exc
-        h = hashlib.sha256(self.source.read_bytes())
-        h.update(" ".join([*cmd, *flags, version]).encode())
-        return h.hexdigest()[:16]
+        h = hashlib.sha256(" ".join([*cmd, *flags, version]).encode())
+        return f"{self._source_hash()}-{h.hexdigest()[:12]}"
+
+    def prebuilt(self) -> Path | None:
+        """A library built earlier from this very source, by whatever compiler: what a
+        container image ships, where the runtime has no compiler."""
+        found = sorted(self.directory.glob(f"{self.source.stem}-{self._source_hash()}-*.so"))
+        return found[0] if found else None
 
     def build(self) -> Path:
         """Compile (or find the cached build) and return the library's path."""
-        cmd = self.compiler or default_compiler()
+        try:
+            cmd = self.compiler or default_compiler()
+            keys = [(flags, self._key(cmd, flags)) for flags in (FLAGS, FLAGS + FALLBACK_FLAGS)]
+        except KernelBuildError:
+            if self.compiler is None and (found := self.prebuilt()) is not None:
+                return found
+            raise
         errors = []
-        for flags in (FLAGS, FLAGS + FALLBACK_FLAGS):
-            path = self.directory / f"{self.source.stem}-{self._key(cmd, flags)}.so"
+        for flags, key in keys:
+            path = self.directory / f"{self.source.stem}-{key}.so"
             if path.exists():
                 return path
             self.directory.mkdir(parents=True, exist_ok=True)
             # Compile beside the target and rename: a concurrent build or a reader never sees
             # a half-written library.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.directory)
             os.close(fd)
             try:
                 done = subprocess.run([*cmd, *flags, str(self.source), "-o", tmp],
