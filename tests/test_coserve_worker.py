@@ -139,3 +139,19 @@ def test_no_chaining_past_the_bank(engine):
 def test_an_unknown_helper_is_refused():
     with pytest.raises(ValueError, match="helper must be auto, process or thread, got 'gpu'"):
         CoserveConfig(helper="gpu")
+
+
+def test_a_worker_running_other_code_says_so(monkeypatch):
+    """A worker respawned after the installed files changed under a running engine imports the
+    new code: it refuses every request with a clear message instead of misreading them."""
+    from serving.engine.coserve import worker as worker_module
+    monkeypatch.setattr(worker_module, "PROTOCOL", "engine-code")
+    w = worker_module.SliceWorker(threads=1)
+    w.ensure_started()
+    try:
+        with pytest.raises(RuntimeError, match="installed files changed under a running server"):
+            w.jobs()
+        assert w.alive()
+    finally:
+        w.close()
+    assert not w.alive()

@@ -39,6 +39,17 @@ STOP_TIMEOUT_S = 10.0
 NICE = 10
 
 
+def _source_version() -> str:
+    # The code this process imported. A worker (re)spawned after the installed files changed
+    # under a running engine imports the new code, whose requests and replies need not match.
+    import hashlib
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+PROTOCOL = _source_version()
+
+
 class WorkerDied(RuntimeError):
     """The worker process exited; the slice it was running is lost."""
 
@@ -95,7 +106,20 @@ def slice_backward(model: nn.Module, batch: dict[str, torch.Tensor], divisor: fl
 
 
 # -- the worker process ----------------------------------------------------------------------
-def _serve(conn, threads: int) -> None:
+def _serve(conn, threads: int, protocol: str = PROTOCOL) -> None:
+    if protocol != PROTOCOL:  # answer every request with why, rather than misread them
+        stale = (f"the fine-tuning worker's code ({PROTOCOL}) differs from the engine's "
+                 f"({protocol}): the installed files changed under a running server; "
+                 "restart it")
+        log.error(stale)
+        while True:
+            try:
+                op, *_ = conn.recv()
+            except (EOFError, OSError):
+                return
+            if op == "stop":
+                return
+            conn.send(("error", stale))
     torch.set_num_threads(threads)
     # Inference first: where the worker and the engine's threads want the same core, the
     # scheduler gives it to the engine (fine-tuning takes the compute inference leaves).
@@ -183,8 +207,8 @@ class SliceWorker:
                             self._proc.exitcode)
             ctx = mp.get_context("spawn")  # fork would copy the engine's threads' locks
             self._conn, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_serve, args=(child, self.threads), daemon=True,
-                                     name="adapterhub-finetune-worker")
+            self._proc = ctx.Process(target=_serve, args=(child, self.threads, PROTOCOL),
+                                     daemon=True, name="adapterhub-finetune-worker")
             self._proc.start()
             child.close()
             self.generation += 1
