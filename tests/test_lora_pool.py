@@ -71,22 +71,25 @@ def _mix():
             _adapter("patterned", 8, 5, ranks={"up_proj": 2, "o_proj": 1})]
 
 
-@pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 5_000, 1])
+@pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 3_000, 1])
 def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
     """Prefill chunks then decode tokens, bare tokens among them, adapters of different ranks,
-    targets, rank patterns and biases; long runs to GEMM pairs at three thresholds (none,
-    some, every run)."""
+    targets, rank patterns and biases; adapters with many tokens to GEMM pairs at three
+    thresholds (none, some, all), on views where their tokens are consecutive (3 and 4: a
+    prefill chunk only) and gathered where not (2: a chunk and decode tokens)."""
     monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", gemm_macs)
     adapters = _mix()
     rng = random.Random(gemm_macs)
     slots = [3] * 40 + [-1] * 5 + [4] * 9 + [2] * 12
-    slots += [rng.choice(range(-1, len(adapters))) for _ in range(30)]
+    slots += [rng.choice([-1, 0, 1, 2]) for _ in range(30)] + [2]
     rows = [adapter_rows(a, a.flat, KEYS) for a in adapters]
     ctx = PoolLoraContext(lib, slots, rows, KEYS, COST_DIM)
     if gemm_macs == 1:
         assert all(not bool(ctx.where[m, 3].any()) for m in range(len(KEYS)))
-    if gemm_macs == 5_000:
-        assert ctx.runs and any(ctx.where[m, 3].any() for m in range(len(KEYS)))
+    if gemm_macs == 3_000:
+        assert any(ctx.where[m, 3].any() for m in range(len(KEYS)))
+        spans = {j: type(span) for runs in ctx.runs.values() for span, j in runs}
+        assert spans[3] is slice and spans[4] is slice and spans[2] is torch.Tensor
     _check(ctx, adapters, slots)
 
 

@@ -10,8 +10,9 @@ CPU cost more per step than the deltas themselves. Here nothing is copied:
   whose pages could not be consecutive gets one private contiguous copy, counted.
 - ``PoolLoraContext``: per step, one index of the batch's address tables gives every token's
   addresses for every module; per module one kernel call adds all deltas, whatever the mix of
-  adapters and ranks. A long run of one adapter's tokens (a prefill chunk) is instead a GEMM
-  pair on views of its weights, where a GEMM's throughput beats the per-token kernel.
+  adapters and ranks. An adapter with many tokens in the step (a prefill chunk, a popular
+  adapter) instead takes a GEMM pair on views of its weights, where a GEMM's throughput beats
+  the per-token kernel.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from torch import Tensor
 from serving.engine import kernels
 from serving.engine.adapter_store import HostAdapter, ModuleKey, unpack
 
-# A run of one adapter's consecutive tokens goes to a GEMM pair once it is this many
-# multiply-adds (tokens * rank * (d_in + d_out)). Measured on CPU, one thread: the kernel does
-# ~19 GMAC/s, a GEMM pair ~28 GMAC/s after ~16 us of launches; they cross near 1M.
+# An adapter's tokens go to a GEMM pair once they are this many multiply-adds (tokens * rank *
+# (d_in + d_out)); twice this when they are not consecutive (a gather and a scatter more).
+# Measured on CPU, one thread: the kernel does ~19 GMAC/s, a GEMM pair ~28 GMAC/s after ~16 us
+# of launches; they cross near 1M.
 RUN_GEMM_MACS = 1_000_000
 _F32 = 4  # bytes
 
@@ -88,28 +90,30 @@ class PoolLoraContext:
         idx = torch.where(slots >= 0, slots, k)
         # [modules, 4, tokens]: each module's [4, T] block is what the kernel reads.
         self.where = torch.stack(tables)[idx].permute(1, 2, 0).contiguous()
-        self.runs: dict[int, list[tuple[int, int, int]]] = {}
+        # Per module: (tokens, adapter) done as a GEMM pair; tokens a slice or an index.
+        self.runs: dict[int, list[tuple[slice | Tensor, int]]] = {}
         self._gemm_runs(idx, k, cost_dim)
 
     def _gemm_runs(self, idx: Tensor, bare: int, cost_dim: int) -> None:
-        """Take long same-adapter token runs away from the kernel, per module (a module's rank
-        decides), into GEMM pairs. The loop is over long runs only: prefill chunks."""
-        T = idx.numel()
-        if not T:
+        """Take an adapter's tokens away from the kernel, per module (a module's rank decides),
+        into one GEMM pair when it has enough of them: a prefill chunk, or many decoding
+        sequences of one popular adapter. Its tokens are a view when consecutive, else they
+        are gathered and scattered back (two more launches, so a higher bar). The loop is
+        over such adapters only, a few a step."""
+        if not idx.numel():
             return
-        starts = torch.ones(T, dtype=torch.bool)
-        starts[1:] = idx[1:] != idx[:-1]
-        first = starts.nonzero().squeeze(1)
-        length = torch.diff(first, append=torch.tensor([T]))
-        slot = idx[first]
-        max_rank = self.where[:, 3, :].max(0).values  # per token, over modules
-        long = (slot != bare) & (length * max_rank[first] * cost_dim >= RUN_GEMM_MACS)
-        for i in long.nonzero().squeeze(1).tolist():
-            lo, n, j = int(first[i]), int(length[i]), int(slot[i])
+        counts = torch.bincount(idx, minlength=bare + 1)[:bare]
+        max_rank = torch.stack([a.table[:, 3] for a in self.adapters]).max(1).values \
+            if self.adapters else torch.zeros(0, dtype=torch.long)
+        for j in (counts * max_rank * cost_dim >= RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
+            pos = (idx == j).nonzero().squeeze(1)
+            n, lo = pos.numel(), int(pos[0])
+            span = slice(lo, lo + n) if int(pos[-1]) - lo + 1 == n else pos
+            bar = RUN_GEMM_MACS if isinstance(span, slice) else 2 * RUN_GEMM_MACS
             ranks = self.adapters[j].table[:, 3]
-            for m in (ranks * n * cost_dim >= RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
-                self.where[m, 3, lo:lo + n] = 0
-                self.runs.setdefault(m, []).append((lo, lo + n, j))
+            for m in (ranks * n * cost_dim >= bar).nonzero().squeeze(1).tolist():
+                self.where[m, 3, span] = 0
+                self.runs.setdefault(m, []).append((span, j))
 
     def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
         m = self.index.get((layer, module))
@@ -118,10 +122,16 @@ class PoolLoraContext:
         if x.stride(1) != 1:
             x = x.contiguous()
         kernels.bgmv(self.lib, y, x, self.where[m])
-        for lo, hi, j in self.runs.get(m, ()):
+        for span, j in self.runs.get(m, ()):
             rows = self.adapters[j]
             A, B, bias = unpack(rows.flat, rows.adapter.layout[self.keys[m]])
-            y[lo:hi].addmm_(x[lo:hi] @ A.T, B.T)
-            if bias is not None:
-                y[lo:hi] += bias
+            if isinstance(span, slice):
+                y[span].addmm_(x[span] @ A.T, B.T)
+                if bias is not None:
+                    y[span] += bias
+            else:
+                delta = (x.index_select(0, span) @ A.T) @ B.T
+                if bias is not None:
+                    delta += bias
+                y.index_add_(0, span, delta)
         return y
