@@ -91,3 +91,42 @@ def test_cancel_from_another_thread_frees_pages(tiny_llama):
         assert engine.pool.stats().kv_pages == 0
     finally:
         loop.shutdown()
+
+
+def test_pool_reads_match_slot_buffers_through_eviction_and_fragmentation(tiny_mistral,
+                                                                          monkeypatch):
+    """Adapters read in place from the pool (the native kernel) give the tokens the torch
+    operator over slot buffers gives, while a small pool evicts adapters, preempts sequences
+    and fragments: some adapters then land on scattered pages and are read from a copy."""
+    from serving.engine import kernels
+    if not kernels.compiler_available():
+        import pytest
+        pytest.skip("no C compiler: the native kernel cannot be built here")
+    rng = random.Random(1)
+    requests = [("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 14))),
+                 rng.choice([None] + [f"a{i}" for i in range(12)]), rng.randint(1, 8))
+                for _ in range(150)]
+
+    def run(native: bool) -> tuple[list[list[int]], Engine]:
+        monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "1" if native else "0")
+        engine = _engine(tiny_mistral, num_pages=40)
+        assert (engine.runner.native is not None) == native
+        ids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True), a)
+               for p, a, n in requests]
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    tokens[out.request_id] = out.token_ids
+        return [tokens[i] for i in ids], engine
+
+    pool_tokens, pooled = run(True)
+    slot_tokens, _ = run(False)
+    assert pool_tokens == slot_tokens
+    assert pooled.cache.evictions > 0 and pooled.scheduler.preemptions > 0
+    stats = pooled.stats()
+    assert stats["lora_path"] == "pool pages, native kernel"
+    assert 0 < stats["adapter_copies"] < stats["adapter_loads"]  # both ways of reading ran
+    assert pooled.pool.stats().kv_pages == 0
+    pooled.release_idle_adapters()
+    assert pooled.pool.stats().free_pages == 40

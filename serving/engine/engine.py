@@ -332,6 +332,10 @@ class Engine:
             "adapters_resident": len(self.cache.resident_names()),
             "adapter_loads": self.cache.loads,
             "adapter_evictions": self.cache.evictions,
+            # How adapters reach the LoRA operator, and how many were copied to get there
+            # (slot-buffer copies, or pool reads whose pages were not consecutive).
+            "lora_path": self.runner.lora_path,
+            "adapter_copies": self.runner.slots.copies + self.runner.adapter_copies,
             "preemptions": self.scheduler.preemptions,
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
