@@ -121,8 +121,7 @@ def test_edge_cases_and_bad_slots(lib):
     with pytest.raises(ValueError, match="token slots"):
         PoolLoraContext(lib, [1], rows, KEYS, COST_DIM)
     with pytest.raises(ValueError, match="do not match"):
-        kernels.bgmv(lib, torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.long),
-                     torch.arange(3))
+        kernels.bgmv(lib, torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="flat float32"):
         adapter_rows(a, a.flat.double(), KEYS)
 

@@ -10,8 +10,7 @@ CPU cost more per step than the deltas themselves. Here nothing is copied:
   whose pages could not be consecutive gets one private contiguous copy, counted.
 - ``PoolLoraContext``: per step, one index of the batch's address tables gives every token's
   addresses for every module; per module one kernel call adds all deltas, whatever the mix of
-  adapters and ranks, visiting tokens by adapter so that tokens of one adapter share each
-  read of its rows. An adapter with many tokens in the step (a prefill chunk, a popular
+  adapters and ranks. An adapter with many tokens in the step (a prefill chunk, a popular
   adapter) instead takes a GEMM pair on views of its weights, where a GEMM's throughput beats
   the per-token kernel.
 """
@@ -91,7 +90,6 @@ class PoolLoraContext:
         idx = torch.where(slots >= 0, slots, k)
         # [modules, 4, tokens]: each module's [4, T] block is what the kernel reads.
         self.where = torch.stack(tables)[idx].permute(1, 2, 0).contiguous()
-        self.order = torch.argsort(idx, stable=True)  # the kernel visits tokens by adapter
         # Per module: (tokens, adapter) done as a GEMM pair; tokens a slice or an index.
         self.runs: dict[int, list[tuple[slice | Tensor, int]]] = {}
         self._gemm_runs(idx, k, cost_dim)
@@ -123,7 +121,7 @@ class PoolLoraContext:
             return y
         if x.stride(1) != 1:
             x = x.contiguous()
-        kernels.bgmv(self.lib, y, x, self.where[m], self.order)
+        kernels.bgmv(self.lib, y, x, self.where[m])
         for span, j in self.runs.get(m, ()):
             rows = self.adapters[j]
             A, B, bias = unpack(rows.flat, rows.adapter.layout[self.keys[m]])

@@ -37,7 +37,7 @@ __all__ = ["KernelBuildError", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable",
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
-ABI = 3  # bgmv_abi() of the source this loader calls
+ABI = 2  # bgmv_abi() of the source this loader calls
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
@@ -161,7 +161,7 @@ class NativeLib:
             raise OSError(f"{path} has ABI {lib.bgmv_abi()}, this loader needs {ABI}")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.bgmv_f32.restype = None
-        lib.bgmv_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr]
+        lib.bgmv_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, i64, ptr]
         return lib
 
 
@@ -188,24 +188,20 @@ def bgmv_usable(*tensors: Tensor) -> bool:
     return bgmv_lib() is not None
 
 
-def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor, order: Tensor) -> Tensor:
+def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
     """y[t] += B_t^T (A_t x[t]) + bias_t in place, for every token t with a rank.
 
     ``where`` is int64 [4, T]: per token the address of its adapter's A [r, d_in] and B^T
     [r, d_out] (contiguous float32 rows), of its bias [d_out] (0: none), and r (0: no delta).
-    ``order`` is an int64 permutation of the tokens, sorted by adapter, so that tokens of one
-    adapter share each read of its rows. x [T, d_in] and y [T, d_out] must pass
-    ``bgmv_usable``. The kernel dereferences the addresses unchecked: they must point into
-    live tensors the caller keeps alive.
+    x [T, d_in] and y [T, d_out] must pass ``bgmv_usable``. The kernel dereferences the
+    addresses unchecked: they must point into live tensors the caller keeps alive.
     """
     T = x.shape[0]
     if y.shape[0] != T or where.shape != (4, T) or where.dtype != torch.int64 \
-            or not where.is_contiguous() or order.shape != (T,) \
-            or order.dtype != torch.int64 or not order.is_contiguous():
-        raise ValueError(f"bgmv: x {tuple(x.shape)}, y {tuple(y.shape)}, where "
-                         f"{tuple(where.shape)} {where.dtype} and order {tuple(order.shape)} "
-                         f"{order.dtype} do not match")
+            or not where.is_contiguous():
+        raise ValueError(f"bgmv: x {tuple(x.shape)}, y {tuple(y.shape)} and where "
+                         f"{tuple(where.shape)} {where.dtype} do not match")
     if T:
         lib.bgmv_f32(T, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1],
-                     y.shape[1], where.data_ptr(), order.data_ptr())
+                     y.shape[1], where.data_ptr())
     return y
