@@ -25,9 +25,12 @@ class Resident:
 
 
 class AdapterCache:
-    def __init__(self, pool: UnifiedPool, store: AdapterStore) -> None:
+    def __init__(self, pool: UnifiedPool, store: AdapterStore, consecutive: bool = False) -> None:
         self.pool = pool
         self.store = store
+        # Place each adapter on one run of consecutive pages where there is one (the LoRA
+        # kernel then reads it in place); the search sorts the free list, O(pages) a load.
+        self.consecutive = consecutive
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU first
         self.loads = 0
         self.evictions = 0
@@ -80,7 +83,7 @@ class AdapterCache:
             if not evict or not self.evict_one():
                 return False
         try:
-            pages = self.pool.alloc(need, ADAPTER, consecutive=True)
+            pages = self.pool.alloc(need, ADAPTER, consecutive=self.consecutive)
         except PoolExhausted:
             return False
         self.pool.write_flat(pages, adapter.flat)

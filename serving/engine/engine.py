@@ -49,7 +49,9 @@ class Engine:
         self.pool = UnifiedPool(num_pages, self.shape, config.block_size, config.dtype,
                                 config.device)
         self.store = AdapterStore()
-        self.cache = AdapterCache(self.pool, self.store)
+        # Adapters the runner reads in place from their pages want one run of them.
+        self.cache = AdapterCache(self.pool, self.store,
+                                  consecutive=self.runner.native is not None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_batched_tokens,
                             config.watermark_pages),
