@@ -211,3 +211,17 @@ def test_prebuilt_library_serves_where_no_compiler_is(tmp_path, monkeypatch):
     assert kernels.NativeLib(tmp_path / "k").load() is not None
     with pytest.raises(kernels.KernelBuildError, match="no C compiler"):
         kernels.NativeLib(tmp_path / "none").build()
+
+
+def test_an_adapter_with_nearly_every_token_multiplies_them_all(lib, monkeypatch):
+    """Scattered tokens of one adapter that are nearly all the step's: two GEMMs over every
+    row, the others' rows zeroed (no gather, no scatter); with a bias, the gathered path."""
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", 1_000)
+    adapters = [_adapter("r8", 8, 1), _adapter("r2", 2, 2), _adapter("biased", 8, 3, bias=True)]
+    for main, other in ((0, 1), (2, 1)):
+        slots = [main, main, other, main, -1, main, main, main, main, main]
+        ctx = PoolLoraContext(lib, slots, [adapter_rows(a, a.flat, KEYS) for a in adapters],
+                              KEYS, COST_DIM)
+        span = next(s for s, j in ctx.runs[0] if j == main)
+        assert span.dtype == (torch.bool if main == 0 else torch.long)
+        _check(ctx, adapters, slots)
