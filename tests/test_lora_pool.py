@@ -225,3 +225,22 @@ def test_an_adapter_with_nearly_every_token_multiplies_them_all(lib, monkeypatch
         span = next(s for s, j in ctx.runs[0] if j == main)
         assert span.dtype == (torch.bool if main == 0 else torch.long)
         _check(ctx, adapters, slots)
+
+
+def test_prebuild_command_reports_failures_in_one_line(tmp_path):
+    """``python -m serving.engine.kernels`` (setup and the image run it): the library's path,
+    or exit 1 with the reason, never a traceback."""
+    import os
+    import subprocess
+    import sys
+    run = dict(capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([sys.executable, "-m", "serving.engine.kernels"], **run,
+                        env={**os.environ, "ADAPTERHUB_KERNELS_DIR": str(tmp_path / "k")})
+    assert ok.returncode == 0 and ok.stdout.strip().endswith(".so"), ok.stderr
+    (tmp_path / "file").write_text("not a directory")
+    for env in ({"ADAPTERHUB_KERNELS_DIR": str(tmp_path / "file")},
+                {"ADAPTERHUB_KERNELS_DIR": str(tmp_path / "bad"), "CC": "false"}):
+        bad = subprocess.run([sys.executable, "-m", "serving.engine.kernels"], **run,
+                             env={**os.environ, **env})
+        assert bad.returncode == 1 and bad.stderr.startswith("error: "), bad.stderr
+        assert "Traceback" not in bad.stderr

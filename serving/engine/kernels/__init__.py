@@ -91,14 +91,17 @@ class NativeLib:
     def _source_hash(self) -> str:
         return hashlib.sha256(self.source.read_bytes()).hexdigest()[:12]
 
-    def _key(self, cmd: list[str], flags: tuple[str, ...]) -> str:
+    def _keys(self, cmd: list[str]) -> list[tuple[tuple[str, ...], str]]:
+        """(flags, cache key) of each build to try; the key covers source, compiler, flags."""
         try:
             version = subprocess.run([*cmd, "--version"], capture_output=True, text=True,
                                      timeout=30).stdout
         except (OSError, subprocess.SubprocessError) as exc:
             raise KernelBuildError(f"C compiler {cmd[0]!r} does not run: {exc}") from exc
-        h = hashlib.sha256(" ".join([*cmd, *flags, version]).encode())
-        return f"{self._source_hash()}-{h.hexdigest()[:12]}"
+        source = self._source_hash()
+        return [(flags, f"{source}-"
+                 + hashlib.sha256(" ".join([*cmd, *flags, version]).encode()).hexdigest()[:12])
+                for flags in (FLAGS, FLAGS + FALLBACK_FLAGS)]
 
     def prebuilt(self) -> Path | None:
         """A library built earlier from this very source, by whatever compiler: what a
@@ -110,7 +113,7 @@ class NativeLib:
         """Compile (or find the cached build) and return the library's path."""
         try:
             cmd = self.compiler or default_compiler()
-            keys = [(flags, self._key(cmd, flags)) for flags in (FLAGS, FLAGS + FALLBACK_FLAGS)]
+            keys = self._keys(cmd)
         except KernelBuildError:
             if self.compiler is None and (found := self.prebuilt()) is not None:
                 return found
