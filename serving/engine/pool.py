@@ -106,9 +106,14 @@ class UnifiedPool:
             self._used[kind] -= 1
             self._free.append(p)
 
+    @staticmethod
+    def is_run(pages: list[int]) -> bool:
+        """Whether ``pages`` are one run, so that their contents are one view of the pool."""
+        return bool(pages) and pages == list(range(pages[0], pages[0] + len(pages)))
+
     def write_flat(self, pages: list[int], flat: torch.Tensor) -> None:
         """Store a flat tensor across ``pages`` (the last page is zero-padded)."""
-        if pages and pages == list(range(pages[0], pages[0] + len(pages))):  # in place
+        if self.is_run(pages):  # in place
             dst = self.storage[pages[0]:pages[-1] + 1].view(-1)
             dst[:flat.numel()] = flat.reshape(-1)
             dst[flat.numel():] = 0
@@ -122,7 +127,7 @@ class UnifiedPool:
     def read_flat(self, pages: list[int]) -> torch.Tensor:
         """``pages`` as one flat tensor, read-only: a view when they are consecutive (pages are
         handed out lowest first, so an adapter's usually are), else a copy of just these."""
-        if pages and pages == list(range(pages[0], pages[0] + len(pages))):
+        if self.is_run(pages):
             return self.storage[pages[0]:pages[-1] + 1].view(-1)
         index = torch.tensor(pages, device=self.storage.device)
         return self.storage.index_select(0, index).view(-1)

@@ -70,7 +70,7 @@ class ModelRunner:
         rows = res.rows
         if rows is None or rows.adapter is not res.adapter or not rows.valid():
             flat = pool.read_flat(res.pages)  # a view of consecutive pages, else a copy
-            copied = flat.data_ptr() != pool.storage[res.pages[0]].data_ptr()
+            copied = not pool.is_run(res.pages)
             rows = res.rows = adapter_rows(res.adapter, flat, self.module_keys, copied)
             self.adapter_copies += copied
         return rows
