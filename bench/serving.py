@@ -142,8 +142,8 @@ def instrument(engine: Engine) -> dict[str, float]:
     wrap(engine.scheduler, "schedule", "schedule")
     wrap(engine.cache, "load", "adapter_load")
     wrap(engine.runner, "execute", "execute")
-    wrap(engine.runner.slots, "assign", "lora_setup")
     wrap(engine.runner, "_pool_lora", "lora_setup")
+    wrap(engine.runner, "_slot_lora", "lora_setup")
     wrap(engine.runner.model, "forward", "forward")
     wrap(engine.runner.model, "compute_logits", "logits")
 
@@ -189,7 +189,7 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
     engine.release_idle_adapters()
     acc = instrument(engine)
     steps0 = engine.steps
-    copies0 = engine.runner.slots.copies + engine.runner.adapter_copies
+    copies0 = engine.runner.adapter_copies
     loads0, evictions0 = engine.cache.loads, engine.cache.evictions
     records = [Record(r.arrival_s, r.output_len) for r in trace]
     by_id: dict[str, int] = {}
@@ -245,7 +245,7 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
         "idle_share": round(1 - step_s / wall, 4),
         "step_time_share": {k: round(v / step_s, 4) for k, v in breakdown.items()},
         "lora_path": engine.runner.lora_path,
-        "adapter_copies": engine.runner.slots.copies + engine.runner.adapter_copies - copies0,
+        "adapter_copies": engine.runner.adapter_copies - copies0,
         "slot_buffer_mib": round(engine.runner.slots.nbytes / 2**20, 2),
         "active_adapters_per_step_mean": round(acc["active_adapters"] / max(steps, 1), 2),
         "active_adapter_mib_per_step_mean": round(

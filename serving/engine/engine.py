@@ -337,7 +337,7 @@ class Engine:
             # How adapters reach the LoRA operator, and how many were copied to get there
             # (slot-buffer copies, or pool reads whose pages were not consecutive).
             "lora_path": self.runner.lora_path,
-            "adapter_copies": self.runner.slots.copies + self.runner.adapter_copies,
+            "adapter_copies": self.runner.adapter_copies,
             "preemptions": self.scheduler.preemptions,
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,

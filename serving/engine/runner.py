@@ -41,7 +41,7 @@ class ModelRunner:
         self.native = kernels.bgmv_lib() if kernels.bgmv_usable(probe) else None
         self.module_keys = [(layer, m) for layer in range(self.shape.num_layers)
                             for m in TARGET_MODULES]
-        self.adapter_copies = 0  # pool-read adapters whose pages were not consecutive
+        self._pool_copies = 0  # pool-read adapters whose pages were not consecutive
         # Tests and debugging: request id -> logits of every position it computed.
         self.capture: dict[str, list[torch.Tensor]] | None = None
 
@@ -63,6 +63,12 @@ class ModelRunner:
         return self.slots.assign(adapters, read)
 
     @property
+    def adapter_copies(self) -> int:
+        """Adapters copied to reach the operator: into slot buffers, or out of scattered pool
+        pages."""
+        return self.slots.copies + self._pool_copies
+
+    @property
     def lora_path(self) -> str:
         return "pool pages, native kernel" if self.native else "slot buffers, torch operator"
 
@@ -72,7 +78,7 @@ class ModelRunner:
             flat = pool.read_flat(res.pages)  # a view of consecutive pages, else a copy
             copied = not pool.is_run(res.pages)
             rows = res.rows = adapter_rows(res.adapter, flat, self.module_keys, copied)
-            self.adapter_copies += copied
+            self._pool_copies += copied
         return rows
 
     def _pool_lora(self, batch: Batch, seqs: Seq[Sequence], pool: UnifiedPool,
@@ -80,13 +86,18 @@ class ModelRunner:
         names = sorted({s.adapter for s in seqs if s.adapter})
         if not names:
             return None
-        slot_of = {n: i for i, n in enumerate(names)}
-        slots: list[int] = []
-        for seq, n in batch.prefills:
-            slots.extend([slot_of.get(seq.adapter, -1)] * n)
-        slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
+        slots = _token_slots(batch, {n: i for i, n in enumerate(names)})
         rows = [self._rows(cache.resident(n), pool) for n in names]
         return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim)
+
+    def _slot_lora(self, batch: Batch, seqs: Seq[Sequence], pool: UnifiedPool,
+                   cache: AdapterCache) -> LoraContext | None:
+        slot_of = self._slot_of(seqs, pool, cache)
+        if not slot_of:
+            return None
+        meta = LoraBatchMeta.build(_token_slots(batch, slot_of), self.slots.ranks, self.device,
+                                   cost_dim=self.lora_cost_dim)
+        return LoraContext(meta, self.slots.weights)
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -107,18 +118,8 @@ class ModelRunner:
             pad_page=pool.null_page,
         )
         all_seqs = [s for s, _ in batch.prefills] + batch.decodes
-        lora = None
-        slot_of = {} if self.native else self._slot_of(all_seqs, pool, cache)
-        if self.native:
-            lora = self._pool_lora(batch, all_seqs, pool, cache)
-        elif slot_of:
-            slots: list[int] = []
-            for seq, n in batch.prefills:
-                slots.extend([slot_of.get(seq.adapter, -1)] * n)
-            slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
-            lora_meta = LoraBatchMeta.build(slots, self.slots.ranks, self.device,
-                                            cost_dim=self.lora_cost_dim)
-            lora = LoraContext(lora_meta, self.slots.weights)
+        lora = (self._pool_lora if self.native else self._slot_lora)(batch, all_seqs, pool,
+                                                                        cache)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)
         if self.capture is not None:
@@ -152,3 +153,13 @@ class ModelRunner:
         top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
         return sample(logits, temperature, top_k, top_p, [s.generator for s in seqs])
+
+
+def _token_slots(batch: Batch, slot_of: dict[str, int]) -> list[int]:
+    """Each token's adapter slot (-1: the bare base), in the forward's order: prefill
+    chunks, then one token per decoding sequence."""
+    slots: list[int] = []
+    for seq, n in batch.prefills:
+        slots.extend([slot_of.get(seq.adapter, -1)] * n)
+    slots.extend(slot_of.get(seq.adapter, -1) for seq in batch.decodes)
+    return slots
