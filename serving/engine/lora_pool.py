@@ -89,27 +89,29 @@ class PoolLoraContext:
         slots = torch.as_tensor(list(token_slots), dtype=torch.long)
         if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= k):
             raise ValueError(f"token slots must lie in -1..{k - 1}")
-        tables = [a.table for a in self.adapters] + [torch.zeros(M, 4, dtype=torch.int64)]
+        # [adapters + 1, modules, 4]: the last row (all zero) serves bare tokens.
+        tables = torch.stack([a.table for a in self.adapters]
+                             + [torch.zeros(M, 4, dtype=torch.int64)])
         idx = torch.where(slots >= 0, slots, k)
         # [modules, 4, tokens]: each module's [4, T] block is what the kernel reads.
-        self.where = torch.stack(tables)[idx].permute(1, 2, 0).contiguous()
+        self.where = tables[idx].permute(1, 2, 0).contiguous()
         # Per module: (tokens, adapter) done as a GEMM pair; tokens a slice, an index, or a
         # [T, 1] mask of the other tokens.
         self.runs: dict[int, list[tuple[slice | Tensor, int]]] = {}
-        self._gemm_runs(idx, k, cost_dim)
+        self._gemm_runs(idx, tables[:k, :, 3], cost_dim)
 
-    def _gemm_runs(self, idx: Tensor, bare: int, cost_dim: int) -> None:
+    def _gemm_runs(self, idx: Tensor, ranks: Tensor, cost_dim: int) -> None:
         """Take an adapter's tokens away from the kernel, per module (a module's rank decides),
         into one GEMM pair when it has enough of them: a prefill chunk, or many decoding
         sequences of one popular adapter. Its tokens are a view when consecutive; when they
         are nearly all the tokens, every row is multiplied and the others' zeroed; else they
         are gathered and scattered back (two more launches, so a higher bar). The loop is
         over such adapters only, a few a step."""
-        if not idx.numel():
+        k = ranks.shape[0]  # ranks: [adapters, modules]
+        if not idx.numel() or not k:
             return
-        counts = torch.bincount(idx, minlength=bare + 1)[:bare]
-        max_rank = torch.stack([a.table[:, 3] for a in self.adapters]).max(1).values \
-            if self.adapters else torch.zeros(0, dtype=torch.long)
+        counts = torch.bincount(idx, minlength=k + 1)[:k]
+        max_rank = ranks.max(1).values
         for j in (counts * max_rank * cost_dim >= RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
             mine = idx == j
             pos = mine.nonzero().squeeze(1)
@@ -122,8 +124,7 @@ class PoolLoraContext:
                 span = pos
             gathered = isinstance(span, Tensor) and span.dtype != torch.bool
             bar = 2 * RUN_GEMM_MACS if gathered else RUN_GEMM_MACS
-            ranks = self.adapters[j].table[:, 3]
-            for m in (ranks * n * cost_dim >= bar).nonzero().squeeze(1).tolist():
+            for m in (ranks[j] * n * cost_dim >= bar).nonzero().squeeze(1).tolist():
                 self.where[m, 3, mine] = 0
                 self.runs.setdefault(m, []).append((span, j))
 
