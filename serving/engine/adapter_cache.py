@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from serving.engine.adapter_store import AdapterStore, HostAdapter
 from serving.engine.pool import ADAPTER, PoolExhausted, UnifiedPool
+
+if TYPE_CHECKING:
+    from serving.engine.lora_pool import AdapterRows
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Resident:
     adapter: HostAdapter
     pages: list[int]
     pins: int = 0
-    rows: Any = None  # the model runner's lora_pool.AdapterRows, made on first use
+    rows: AdapterRows | None = None  # where the LoRA kernel reads it; the runner's, lazily
 
 
 class AdapterCache:
