@@ -13,6 +13,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.loop import EngineLoop
 from serving.engine.sampling import SamplingParams
+from tests.native_support import require_native
 
 
 def _random_adapter(engine: Engine, name: str, rank: int, seed: int):
@@ -98,10 +99,7 @@ def test_pool_reads_match_slot_buffers_through_eviction_and_fragmentation(tiny_m
     """Adapters read in place from the pool (the native kernel) give the tokens the torch
     operator over slot buffers gives, while a small pool evicts adapters, preempts sequences
     and fragments: some adapters then land on scattered pages and are read from a copy."""
-    from serving.engine import kernels
-    if not kernels.compiler_available():
-        import pytest
-        pytest.skip("no C compiler: the native kernel cannot be built here")
+    require_native()
     rng = random.Random(1)
     requests = [("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 14))),
                  rng.choice([None] + [f"a{i}" for i in range(12)]), rng.randint(1, 8))

@@ -13,10 +13,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapterhub.methods import create_adapter, make_config
-from serving.engine import kernels, lora_pool
+from serving.engine import lora_pool
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.sampling import SamplingParams
+from tests.native_support import require_native
 
 ADAPTERS = {
     "lora8": ("lora", {"r": 8, "alpha": 16}),
@@ -80,9 +81,9 @@ def lora_path(request, monkeypatch):
     CUDA)."""
     if request.param == "slots":
         monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
-    elif not kernels.compiler_available():
-        pytest.skip("no C compiler: the native kernel cannot be built here")
-    elif request.param == "pool-gemm-runs":
+    else:
+        require_native()
+    if request.param == "pool-gemm-runs":
         monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", 1)
     return request.param
 

@@ -12,6 +12,7 @@ from serving.engine.adapter_store import build_host_adapter, unpack
 from serving.engine.layout import TARGET_MODULES, ModelShape
 from serving.engine.lora_pool import PoolLoraContext, adapter_rows
 from serving.engine.pool import ADAPTER, KV, UnifiedPool
+from tests.native_support import require_native
 
 SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
                    num_kv_heads=2, head_dim=8, vocab_size=50)
@@ -19,12 +20,15 @@ KEYS = [(layer, m) for layer in range(SHAPE.num_layers) for m in TARGET_MODULES]
 DIMS = SHAPE.module_dims()
 COST_DIM = 96
 
-pytestmark = pytest.mark.skipif(not kernels.compiler_available(),
-                                reason="no C compiler: the native kernel cannot be built here")
+
+@pytest.fixture(autouse=True)
+def native():
+    require_native()
 
 
 @pytest.fixture(scope="module")
 def lib():
+    require_native()  # module fixtures set up before the autouse one above
     lib = kernels.bgmv_lib()
     assert lib is not None, "a C compiler is present but the kernel did not build"
     return lib
