@@ -8,19 +8,21 @@ same fine-tuning job (data, seed, hyper-parameters) and the same request traces:
 - ft_trainer: adapterhub's Trainer alone on its own copy of the base (fine-tuning alone),
   half of its time before the co-served sides and half after them.
 - coserve_rate0: the job inside the engine with no inference (rate 0).
-- inference_<rate>: the engine alone, replaying the trace at that rate.
+- inference_<rate>: the engine alone, replaying the trace at that rate, once just before
+  and once just after coserve_<rate>, pooled (both halves' p90s are reported).
 - coserve_<rate>: the engine with the job attached (overlap: fine-tuning slices beside the
   inference forward, computed in the co-server's worker process on CPU, or on the helper
   thread with --helper thread; the headline) and coserve_inline_<rate> (slices on the
   engine thread after the inference forward), with latency targets of 1.2x what inference
-  alone achieved at that rate (p90 TPOT and TTFT).
+  alone achieved at that rate in its first replay (p90 TPOT and TTFT).
 - temporal_<rate>: temporal sharing: one whole inference iteration, then one whole training
   step (an optimizer step), alternating; training steps back to back while no request is in.
 
 Rates: "light" is --light requests per single-request latency (inference alone then keeps
 the engine busy about that share of the time), "heavy" is --heavy times the engine's
 saturated request throughput (busy all the time); both are measured first, and each
-inference-alone side reports its busy share. Requests arrive open-loop from a client
+inference-alone side reports its busy share. A rate's trace has at least --min-requests requests
+(a p90 over ten requests is nearly their maximum). Requests arrive open-loop from a client
 thread (Poisson, S-LoRA's trace generator), as they do from gRPC threads in the server.
 Fine-tuning tokens/s count real (unpadded) tokens over each replay's wall time.
 
@@ -78,14 +80,14 @@ from serving.engine.sampling import SamplingParams  # noqa: E402
 FULL = dict(
     model=ModelSpec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                     intermediate_size=1408, vocab_size=4096),
-    duration_s=20.0, saturate_requests=48, input_range=(16, 64), output_range=(16, 48),
-    batch_size=8, max_length=96,
+    duration_s=20.0, saturate_requests=48, min_requests=30, input_range=(16, 64),
+    output_range=(16, 48), batch_size=8, max_length=96,
 )
 QUICK = dict(
     model=ModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=704, vocab_size=2048),
-    duration_s=5.0, saturate_requests=32, input_range=(16, 48), output_range=(12, 32),
-    batch_size=8, max_length=64,
+    duration_s=5.0, saturate_requests=32, min_requests=10, input_range=(16, 48),
+    output_range=(12, 32), batch_size=8, max_length=64,
 )
 N_ADAPTERS = 4  # inference requests use a few served LoRA adapters (and the base)
 
@@ -99,7 +101,17 @@ class Side:
     timings: list[Record] = field(default_factory=list)
     wall_s: float = 0.0
     ft_tokens: int = 0
+    step_s: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def pooled(self, other: Side) -> Side:
+        """Both replays' requests and time as one side (percentiles over all requests)."""
+        wall, step = self.wall_s + other.wall_s, self.step_s + other.step_s
+        extra = {**self.extra, **other.extra}
+        if "busy_share" in extra:
+            extra["busy_share"] = round(step / wall, 3)
+        return Side(self.timings + other.timings, wall, self.ft_tokens + other.ft_tokens,
+                    step, extra)
 
     def summary(self) -> dict:
         done = [t for t in self.timings if t.finish is not None and t.first is not None]
@@ -202,11 +214,22 @@ def replay(engine: Engine, trace: list[Request], names: list[str | None],
             arrivals.arrived.clear()
     side.wall_s = time.monotonic() - t0
     if trainee is None:  # how much of the time inference alone kept the engine busy
+        side.step_s = step_s
         side.extra["busy_share"] = round(step_s / side.wall_s, 3)
     arrivals.join()
     if trainee is not None:
         side.ft_tokens = trainee.tokens_trained - tokens0
     return side
+
+
+def wall_cap(trace: list[Request], duration_s: float) -> float:
+    """How long a replay may run before its unfinished requests are aborted."""
+    return 3 * max([duration_s] + [r.arrival_s for r in trace[-1:]])
+
+
+def p90_of(side: Side, kind: str) -> float:
+    """A side's p90 first-token latency ("ttft") or time per output token ("tpot")."""
+    return side.summary()[f"{kind}_p90_s"]
 
 
 def whole_training_step(trainee: Trainee) -> None:
@@ -254,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heavy", type=float, default=0.6,
                         help="heavy arrival rate as a share of saturated throughput")
     parser.add_argument("--duration", type=float, help="seconds of arrivals per replay")
+    parser.add_argument("--min-requests", type=int,
+                        help="requests per rate at least (p90s over fewer mean little); "
+                        "default 30, 10 with --quick")
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--min-share", type=float, default=0.05)
     parser.add_argument("--helper", choices=["auto", "process", "thread"], default="auto",
@@ -367,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.coserve.attach(job)
         try:
             side = replay(engine, trace, names_for(trace), job, duration_s=duration,
-                          max_wall_s=3 * duration)
+                          max_wall_s=wall_cap(trace, duration))
         finally:
             engine.coserve.detach(job)
             stats = engine.coserve.stats()
@@ -395,17 +421,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     coserve_side("coserve_rate0", [], overlap=True, slo=None)
     coserve_side("coserve_inline_rate0", [], overlap=False, slo=None)
+    min_requests = args.min_requests or preset["min_requests"]
     for name, rate in rates.items():
-        trace = trace_at(rate, max(10, int(rate * duration)))
-        alone = record(f"inference_{name}",
-                       replay(engine, trace, names_for(trace), max_wall_s=3 * duration),
-                       rate_req_per_s=round(rate, 3))
-        slo = (args.slo_factor * alone["ttft_p90_s"], args.slo_factor * alone["tpot_p90_s"])
+        trace = trace_at(rate, max(min_requests, int(rate * duration)))
+        max_wall = wall_cap(trace, duration)
+
+        # Inference alone is every latency ratio's denominator: it replays the trace just
+        # before and just after the co-served (overlap) side, pooled, so drift over the
+        # run does not land on one side of the ratio only.
+        first = replay(engine, trace, names_for(trace), max_wall_s=max_wall)
+        slo = (args.slo_factor * p90_of(first, "ttft"), args.slo_factor * p90_of(first, "tpot"))
         coserve_side(f"coserve_{name}", trace, overlap=True, slo=slo)
+        second = replay(engine, trace, names_for(trace), max_wall_s=max_wall)
+        record(f"inference_{name}", first.pooled(second), rate_req_per_s=round(rate, 3),
+               halves_p90_ttft_tpot_s=[[round(p90_of(h, k), 4) for k in ("ttft", "tpot")]
+                                       for h in (first, second)])
         coserve_side(f"coserve_inline_{name}", trace, overlap=False, slo=slo)
         job = trainee()
         record(f"temporal_{name}", replay(engine, trace, names_for(trace), job, temporal=True,
-                                          max_wall_s=3 * duration))
+                                          max_wall_s=max_wall))
     trainer_alone(duration / 2)
 
     def ratio(a: str, b: str, key: str) -> float | None:
