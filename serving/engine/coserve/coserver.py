@@ -215,7 +215,8 @@ class CoServer:
             # A miss shrinks what later iterations grant (the controller's scale); the bank,
             # already granted by iterations that had room, is kept: emptying it too left the
             # worker idle between slices (busy 0.70-0.88 of the heavy-rate replay against
-            # 0.95 in bench/coserve.py --quick) with no gain in latency on either side.
+            # 0.95 in alternating runs of bench/coserve.py --quick), and latency was no
+            # better for it.
             self.slo.observe(tpot, ttfts)
             self._last_end = now
             return
