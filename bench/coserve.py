@@ -224,7 +224,8 @@ def replay(engine: Engine, trace: list[Request], names: list[str | None],
 
 def wall_cap(trace: list[Request], duration_s: float) -> float:
     """How long a replay may run before its unfinished requests are aborted."""
-    return 3 * max([duration_s] + [r.arrival_s for r in trace[-1:]])
+    last_arrival = trace[-1].arrival_s if trace else 0.0
+    return 3 * max(duration_s, last_arrival)
 
 
 def p90_of(side: Side, kind: str) -> float:
