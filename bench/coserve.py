@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slo-factor", type=float, default=1.2,
                         help="latency targets: this times inference alone's p90 at the rate")
     args = parser.parse_args(argv)
+    if args.min_requests is not None and args.min_requests < 1:
+        parser.error(f"--min-requests must be at least 1, got {args.min_requests}")
     torch.set_num_threads(max(1, args.threads))
     warnings.filterwarnings("ignore")
     preset = QUICK if args.quick else FULL
