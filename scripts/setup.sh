@@ -15,8 +15,8 @@ export UV_LINK_MODE=copy
 .venv/bin/uv pip install --python .venv/bin/python --compile-bytecode \
   --find-links /opt/wheels -r requirements.lock
 .venv/bin/uv pip install --python .venv/bin/python --compile-bytecode --no-deps -e "$root"
-# The engine's native LoRA kernel (under a second); without a C compiler the engine falls back
-# to its torch operator, so a failure here is a warning, not an error.
+# The engine's native kernels, LoRA and decode attention (under a second each); without a C
+# compiler the engine falls back to its torch paths, so a failure here is a warning, not an error.
 .venv/bin/python -m serving.engine.kernels >/dev/null \
-  || echo "warning: native LoRA kernel not built (no C compiler?); the engine will use torch" >&2
+  || echo "warning: native kernels not built (no C compiler?); the engine will use torch" >&2
 echo "$want" > "$stamp"

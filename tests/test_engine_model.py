@@ -19,10 +19,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from serving.engine import kernels
 from serving.engine.attention import AttentionMetadata
 from serving.engine.layout import TARGET_MODULES
 from serving.engine.model import LlamaForServing
 from serving.engine.rope import RotaryEmbedding
+from tests.native_support import require_native
 
 BLOCK = 4
 PROMPT_LENS = (11, 3, 7)
@@ -118,11 +120,27 @@ def _check_against_hf(
         assert s.tokens[s.prompt_len:] == ref[s.prompt_len - 1:].argmax(-1).tolist()
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch) -> list[int]:
+    """Decode attention through the native kernel (CPU float32's default) or torch SDPA (every
+    other device and dtype); the kernel's calls are counted, so a test knows it ran."""
+    calls: list[int] = []
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "paged_decode_lib", lambda: None)
+    else:
+        require_native()
+        native = kernels.paged_decode
+        monkeypatch.setattr(kernels, "paged_decode",
+                            lambda *a: calls.append(1) or native(*a))
+    return calls
+
+
 @pytest.mark.parametrize("chunk", [None, 5], ids=["one-prefill", "chunked-5"])
-def test_matches_hf(tiny_checkpoint: Path, chunk: int | None) -> None:
+def test_matches_hf(tiny_checkpoint: Path, chunk: int | None, decode_path: list[int]) -> None:
     model = LlamaForServing.from_checkpoint(tiny_checkpoint)
     seqs = _serve(model, _prompts(model.shape.vocab_size), chunk)
     _check_against_hf(tiny_checkpoint, seqs)
+    assert decode_path or kernels.paged_decode_lib() is None  # the kernel ran where it was on
 
 
 def test_bf16_matches_hf_bf16(tiny_mistral: Path) -> None:
@@ -140,7 +158,7 @@ def test_cuda_matches_hf(tiny_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_sliding_window_matches_hf(tmp_path: Path, family: str) -> None:
+def test_sliding_window_matches_hf(tmp_path: Path, family: str, decode_path: list[int]) -> None:
     common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     if family == "mistral":
@@ -155,6 +173,7 @@ def test_sliding_window_matches_hf(tmp_path: Path, family: str) -> None:
         [5, 5] if family == "mistral" else [None, 5]
     )
     _check_against_hf(tmp_path, _serve(model, _prompts(50), chunk=5))
+    assert decode_path or kernels.paged_decode_lib() is None
 
 
 ROPE_CASES = {
@@ -200,9 +219,10 @@ def test_metadata_build() -> None:
         AttentionMetadata.build(4, [], [], [], [6], [[5]])
 
 
-def test_decode_is_one_batched_computation(tiny_mistral: Path, monkeypatch) -> None:
-    """64 decode tokens with different context lengths: one SDPA call per layer, and each
-    token's output equals decoding its sequence alone."""
+def test_decode_is_one_batched_computation(tiny_mistral: Path, monkeypatch,
+                                           decode_path: list[int]) -> None:
+    """64 decode tokens with different context lengths: one attention call per layer (SDPA,
+    or the native kernel), and each token's output equals decoding its sequence alone."""
     model = LlamaForServing.from_checkpoint(tiny_mistral)
     n, s = 64, model.shape
     g = torch.Generator().manual_seed(2)
@@ -221,7 +241,9 @@ def test_decode_is_one_batched_computation(tiny_mistral: Path, monkeypatch) -> N
                         or sdpa(*a, **k))
     meta = AttentionMetadata.build(BLOCK, [], [], [], ctx, tables, pad_page=null)
     batched = model(ids, meta.positions, meta, kv)
-    assert len(calls) == s.num_layers
+    native = kernels.paged_decode_lib() is not None
+    assert len(decode_path if native else calls) == s.num_layers
+    assert not (native and calls)
     assert torch.isfinite(batched).all()
     for i in range(n):  # rewriting a token's own K/V is idempotent, so the pool is reusable
         meta = AttentionMetadata.build(BLOCK, [], [], [], [ctx[i]], [tables[i]], pad_page=null)

@@ -198,10 +198,14 @@ def test_build_is_cached_and_failures_fall_back(tmp_path, caplog):
     assert not list(tmp_path.glob("bad/*"))  # no half-written library left behind
 
 
-def test_library_of_another_abi_is_refused(tmp_path):
-    src = tmp_path / "bgmv.c"
-    src.write_text("int bgmv_abi(void) { return 999; }\nvoid bgmv_f32(void) {}\n")
-    assert kernels.NativeLib(tmp_path / "k", source=src).load() is None
+@pytest.mark.parametrize("spec", kernels.KERNELS, ids=lambda s: s.stem)
+def test_library_of_another_abi_or_without_its_function_is_refused(tmp_path, spec):
+    fn = next(iter(spec.functions))
+    for abi, body in ((999, f"void {fn}(void) {{}}"), (spec.abi, "")):
+        src = tmp_path / f"{abi}" / spec.source.name
+        src.parent.mkdir()
+        src.write_text(f"int {spec.stem}_abi(void) {{ return {abi}; }}\n{body}\n")
+        assert kernels.NativeLib(tmp_path / "k", source=src, spec=spec).load() is None
 
 
 def test_prebuilt_library_serves_where_no_compiler_is(tmp_path, monkeypatch):
@@ -232,7 +236,7 @@ def test_an_adapter_with_nearly_every_token_multiplies_them_all(lib, monkeypatch
 
 
 def test_prebuild_command_reports_failures_in_one_line(tmp_path):
-    """``python -m serving.engine.kernels`` (setup and the image run it): the library's path,
+    """``python -m serving.engine.kernels`` (setup and the image run it): each library's path,
     or exit 1 with the reason, never a traceback."""
     import os
     import subprocess
@@ -240,7 +244,9 @@ def test_prebuild_command_reports_failures_in_one_line(tmp_path):
     run = dict(capture_output=True, text=True, timeout=120)
     ok = subprocess.run([sys.executable, "-m", "serving.engine.kernels"], **run,
                         env={**os.environ, "ADAPTERHUB_KERNELS_DIR": str(tmp_path / "k")})
-    assert ok.returncode == 0 and ok.stdout.strip().endswith(".so"), ok.stderr
+    built = ok.stdout.split()
+    assert ok.returncode == 0 and len(built) == len(kernels.KERNELS), ok.stderr
+    assert all(path.endswith(".so") for path in built)
     (tmp_path / "file").write_text("not a directory")
     for env in ({"ADAPTERHUB_KERNELS_DIR": str(tmp_path / "file")},
                 {"ADAPTERHUB_KERNELS_DIR": str(tmp_path / "bad"), "CC": "false"}):

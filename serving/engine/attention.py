@@ -1,8 +1,10 @@
 """Paged attention over a flattened batch: chunked prefill sequences first, then decode tokens.
 
-Reference implementation in plain PyTorch (gather pages, then ``scaled_dot_product_attention``);
-a fused paged-attention kernel can replace :func:`paged_attention` without touching the model.
-The layer's cache is ``kv[:, layer]`` of the pool view laid out in layout.py:
+Plain PyTorch (gather pages, then ``scaled_dot_product_attention``) on every device and dtype.
+On the CPU in float32, decode tokens instead go to the native kernel (kernels/paged_decode.c),
+which reads K/V where they lie in the pool: the gather copied every sequence's pages, padded to
+the longest, per layer and step (about half of decode attention's time on CPU). The layer's
+cache is ``kv[:, layer]`` of the pool view laid out in layout.py:
 ``[num_pages, 2, block_size, num_kv_heads, head_dim]``.
 """
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from serving.engine import kernels
 
 
 @dataclass
@@ -184,12 +188,22 @@ def _prefill_one(
 def _decode(
     q: Tensor, kv_layer: Tensor, meta: AttentionMetadata, scale: float, window: int | None
 ) -> Tensor:
-    """One batched attention for all decode tokens, q [n, H, D]; no host sync, graph-safe."""
+    """One batched attention for all decode tokens, q [n, H, D]; on the torch path no host
+    sync, graph-safe."""
     tables = meta.decode_block_tables
+    if _native_decode(q, kv_layer):
+        return kernels.paged_decode(kernels.paged_decode_lib(), q, kv_layer, tables,
+                                    meta.decode_ctx_lens, scale, window)
     k_pos = torch.arange(tables.shape[1] * kv_layer.shape[2], device=q.device)
     k, v = _gather(kv_layer, tables)
     mask = _window_mask(meta.decode_ctx_lens - 1, k_pos, window)
     return _grouped_sdpa(q[:, None], k, v, mask[:, None], scale)[:, 0]
+
+
+def _native_decode(q: Tensor, kv_layer: Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == kv_layer.dtype == torch.float32
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and kernels.paged_decode_lib() is not None)
 
 
 def paged_attention(

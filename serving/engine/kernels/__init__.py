@@ -1,15 +1,20 @@
 """Native CPU kernels of the engine, built from C on first use and called through ctypes.
 
-The batched LoRA operator's torch path spends most of a multi-adapter decode step launching
-small ops (a gather, a GEMM pair per rank group, a scatter): about 200 us a module on CPU for
-work that reads a few hundred KiB. ``bgmv.c`` does the same in one call of about 10 us. It is
-plain C with no torch headers, so it builds in under a second with the system compiler (a
-torch extension would take a minute), and one build serves every x86-64 CPU (target_clones).
+- ``bgmv.c``: the batched LoRA operator. Its torch path spends most of a multi-adapter decode
+  step launching small ops (a gather, a GEMM pair per rank group, a scatter): about 200 us a
+  module on CPU for work that reads a few hundred KiB; the kernel does the same in one call of
+  about 10 us.
+- ``paged_decode.c``: decode attention reading K/V in place from the pool's pages. The torch
+  path gathers every sequence's pages into a padded copy and masks it, per layer and step.
+
+Each is plain C with no torch headers, so it builds in under a second with the system compiler
+(a torch extension would take a minute), and one build serves every x86-64 CPU
+(target_clones). Each is its own library, so one that fails to build leaves the other.
 
 Where no compiler is found, the build fails, or ``ADAPTERHUB_NATIVE_KERNELS=0``, ``bgmv_lib()``
-returns None once with a warning and the operator keeps its torch paths, which give the same
-results. Builds are cached by a hash of the source, compiler and flags in
-``ADAPTERHUB_KERNELS_DIR`` (default ``~/.cache/adapterhub/kernels``); ``python -m
+and ``paged_decode_lib()`` return None once with a warning and the engine keeps its torch
+paths, which give the same results. Builds are cached by a hash of the source, compiler and
+flags in ``ADAPTERHUB_KERNELS_DIR`` (default ``~/.cache/adapterhub/kernels``); ``python -m
 serving.engine.kernels`` builds ahead of time (setup and the container image do). Where no
 compiler is found, a library built earlier from the same source is used (the image's).
 """
@@ -26,22 +31,51 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["KernelBuildError", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable",
-           "compiler_available"]
+__all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "KernelBuildError", "KernelSpec", "NativeLib",
+           "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available", "paged_decode",
+           "paged_decode_lib"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("bgmv.c")
-ABI = 2  # bgmv_abi() of the source this loader calls
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One C source built into its own library: the ABI version this loader calls (the
+    library's ``<stem>_abi()``) and the functions it declares."""
+
+    source: Path
+    abi: int
+    functions: dict  # name -> (restype, argtypes)
+    what: str  # for the fallback warning
+
+    @property
+    def stem(self) -> str:
+        return self.source.stem
+
+
+_HERE = Path(__file__).parent
+BGMV = KernelSpec(_HERE / "bgmv.c", 2,
+                  {"bgmv_f32": (None, [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr])},
+                  "LoRA kernel unavailable, using the torch operator")
+PAGED_DECODE = KernelSpec(
+    _HERE / "paged_decode.c", 1,
+    {"paged_decode_f32": (ctypes.c_int, [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
+                                         _i64, _ptr, _i64, _ptr, _f32])},
+    "paged attention kernel unavailable, using torch attention")
+KERNELS = (BGMV, PAGED_DECODE)
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
 FALLBACK_FLAGS = ("-DBGMV_NO_CLONES",)
+LIBS = ("-lm",)  # after the source, so the linker keeps it (expf in paged_decode.c)
 _OFF = {"0", "false", "no", "off"}
 
 
@@ -77,13 +111,15 @@ def compiler_available() -> bool:
 
 
 class NativeLib:
-    """One shared library built from ``source`` into ``directory``, loaded once."""
+    """One shared library built from ``spec``'s source (or ``source``, a stand-in for tests)
+    into ``directory``, loaded once."""
 
     def __init__(self, directory: Path | None = None, compiler: list[str] | None = None,
-                 source: Path = SOURCE):
+                 source: Path | None = None, spec: KernelSpec = BGMV):
         self.directory = Path(directory) if directory is not None else default_dir()
         self.compiler = compiler
-        self.source = source
+        self.spec = spec
+        self.source = source or spec.source
         self._lock = threading.Lock()
         self._loaded: ctypes.CDLL | None = None
         self._failed: str | None = None
@@ -92,16 +128,19 @@ class NativeLib:
         return hashlib.sha256(self.source.read_bytes()).hexdigest()[:12]
 
     def _keys(self, cmd: list[str]) -> list[tuple[tuple[str, ...], str]]:
-        """(flags, cache key) of each build to try; the key covers source, compiler, flags."""
+        """(flags, cache key) of each build to try; the key covers source, compiler, flags and
+        libraries."""
         try:
             version = subprocess.run([*cmd, "--version"], capture_output=True, text=True,
                                      timeout=30).stdout
         except (OSError, subprocess.SubprocessError) as exc:
             raise KernelBuildError(f"C compiler {cmd[0]!r} does not run: {exc}") from exc
         source = self._source_hash()
-        return [(flags, f"{source}-"
-                 + hashlib.sha256(" ".join([*cmd, *flags, version]).encode()).hexdigest()[:12])
-                for flags in (FLAGS, FLAGS + FALLBACK_FLAGS)]
+        keys = []
+        for flags in (FLAGS, FLAGS + FALLBACK_FLAGS):
+            build = " ".join([*cmd, *flags, *LIBS, version])
+            keys.append((flags, f"{source}-{hashlib.sha256(build.encode()).hexdigest()[:12]}"))
+        return keys
 
     def prebuilt(self) -> Path | None:
         """A library built earlier from this very source, by whatever compiler: what a
@@ -129,7 +168,7 @@ class NativeLib:
             fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.directory)
             os.close(fd)
             try:
-                done = subprocess.run([*cmd, *flags, str(self.source), "-o", tmp],
+                done = subprocess.run([*cmd, *flags, str(self.source), "-o", tmp, *LIBS],
                                       capture_output=True, text=True, timeout=120)
                 if done.returncode == 0:
                     os.replace(tmp, path)
@@ -153,22 +192,25 @@ class NativeLib:
                     self._loaded = self._open(self.build())
                 except (KernelBuildError, OSError) as exc:
                     self._failed = str(exc)
-                    log.warning("native LoRA kernel unavailable, using the torch operator: %s",
-                                exc)
+                    log.warning("native %s: %s", self.spec.what, exc)
         return self._loaded
 
-    @staticmethod
-    def _open(path: Path) -> ctypes.CDLL:
+    def _open(self, path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
-        if lib.bgmv_abi() != ABI:
-            raise OSError(f"{path} has ABI {lib.bgmv_abi()}, this loader needs {ABI}")
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.bgmv_f32.restype = None
-        lib.bgmv_f32.argtypes = [i64, ptr, i64, ptr, i64, i64, i64, ptr]
+        try:
+            abi = getattr(lib, f"{self.spec.stem}_abi")()
+            if abi != self.spec.abi:
+                raise OSError(f"{path} has ABI {abi}, this loader needs {self.spec.abi}")
+            for name, (restype, argtypes) in self.spec.functions.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except AttributeError as exc:  # a symbol missing: not this kernel's library
+            raise OSError(f"{path}: {exc}") from exc
         return lib
 
 
 _default = NativeLib()
+_paged_decode = NativeLib(spec=PAGED_DECODE)
 
 
 def enabled() -> bool:
@@ -178,6 +220,11 @@ def enabled() -> bool:
 def bgmv_lib() -> ctypes.CDLL | None:
     """The process's kernel library, or None when disabled or unavailable."""
     return _default.load() if enabled() else None
+
+
+def paged_decode_lib() -> ctypes.CDLL | None:
+    """The process's paged decode attention library, or None when disabled or unavailable."""
+    return _paged_decode.load() if enabled() else None
 
 
 def bgmv_usable(*tensors: Tensor) -> bool:
@@ -208,3 +255,43 @@ def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
         lib.bgmv_f32(T, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1],
                      y.shape[1], where.data_ptr())
     return y
+
+
+def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, ctx_lens: Tensor,
+                 scale: float, window: int | None) -> Tensor:
+    """Attention of one query token per sequence to its cached context, read in place.
+
+    q [n, heads, head_dim] (float32, CPU, contiguous); ``kv_layer`` one layer of the pool view,
+    [pages, 2, block_size, kv_heads, head_dim] (each page's block contiguous); ``tables``
+    int64 [n, blocks] the pages of each sequence; ``ctx_lens`` int64 [n] its tokens including
+    this one, whose K/V must already be written. A ``window`` keeps the last ``window``
+    positions (HF's sliding window). Returns [n, heads, head_dim].
+
+    The kernel dereferences page ids unchecked, so this checks that every id in ``tables`` is
+    a page of ``kv_layer`` and every context fits its table.
+    """
+    n, heads, head_dim = q.shape
+    pages, two, block, kv_heads, hd = kv_layer.shape
+    if two != 2 or hd != head_dim or heads % kv_heads or tables.dim() != 2 \
+            or tables.shape[0] != n or ctx_lens.shape != (n,):
+        raise ValueError(f"paged_decode: q {tuple(q.shape)}, kv {tuple(kv_layer.shape)}, tables "
+                         f"{tuple(tables.shape)} and ctx_lens {tuple(ctx_lens.shape)} do not match")
+    if kv_layer[0].stride() != (block * kv_heads * hd, kv_heads * hd, hd, 1):
+        raise ValueError("paged_decode: each page of kv_layer must be contiguous")
+    q = q.contiguous()
+    tables, ctx_lens = tables.contiguous(), ctx_lens.contiguous()
+    out = torch.empty_like(q)
+    if not n:
+        return out
+    lo, hi = torch.aminmax(ctx_lens)
+    if int(lo) < 1 or int(hi) > tables.shape[1] * block:
+        raise ValueError("paged_decode: a context is empty or longer than its block table")
+    lo, hi = torch.aminmax(tables)
+    if int(lo) < 0 or int(hi) >= pages:
+        raise ValueError(f"paged_decode: page ids must lie in 0..{pages - 1}")
+    rc = lib.paged_decode_f32(n, q.data_ptr(), out.data_ptr(), kv_layer.data_ptr(),
+                              kv_layer.stride(0), block, kv_heads, heads, head_dim, window or 0,
+                              tables.data_ptr(), tables.stride(0), ctx_lens.data_ptr(), scale)
+    if rc != 0:
+        raise MemoryError("paged_decode: no memory for the score buffer")
+    return out

@@ -1,0 +1,115 @@
+"""Decode attention read in place from pool pages (kernels/paged_decode.c) against the torch
+path it replaces on the CPU, and its refusals of tables that would make it read astray."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.engine import attention, kernels
+from serving.engine.attention import AttentionMetadata
+from tests.native_support import require_native
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def lib():
+    require_native()
+    lib = kernels.paged_decode_lib()
+    assert lib is not None, "a C compiler is present but the kernel did not build"
+    return lib
+
+
+def _case(n: int, heads: int, kv_heads: int, head_dim: int, max_ctx: int, seed: int,
+          poison_tail: bool = False):
+    """A layer's pool whose pages are dealt shuffled; pages nobody holds are NaN, so a read of
+    a wrong page poisons its output. Slots past a context are zero, as the pool hands pages
+    out (the torch path reads and masks them), or NaN with ``poison_tail``."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(1, max_ctx + 1, (n,), generator=g).tolist()
+    blocks = [-(-c // BLOCK) for c in ctx]
+    perm = torch.randperm(sum(blocks) + 3, generator=g).tolist()
+    tables, at = [], 0
+    for b in blocks:
+        tables.append(perm[at:at + b])
+        at += b
+    null = perm[at]  # the pool's zero pad page
+    kv = torch.full((len(perm), 3, 2, BLOCK, kv_heads, head_dim), torch.nan)
+    layer = kv[:, 1]  # a strided slice, as kv_view()[:, layer] is
+    for c, table in zip(ctx, tables, strict=True):
+        layer[table] = torch.nan if poison_tail else 0
+        for p in range(c):
+            layer[table[p // BLOCK], :, p % BLOCK] = torch.randn(2, kv_heads, head_dim,
+                                                                 generator=g)
+    layer[null] = 0
+    q = torch.randn(n, heads, head_dim, generator=g)
+    meta = AttentionMetadata.build(BLOCK, [], [], [], ctx, tables, pad_page=null)
+    return q, layer, meta
+
+
+def _torch_decode(q, layer, meta, window, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "paged_decode_lib", lambda: None)
+        return attention._decode(q, layer, meta, 0.3, window)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 16), (4, 4, 64), (6, 3, 8)])
+@pytest.mark.parametrize("window", [None, 5, 100])
+def test_matches_the_torch_path(lib, monkeypatch, heads, kv_heads, head_dim, window):
+    q, layer, meta = _case(40, heads, kv_heads, head_dim, max_ctx=37, seed=heads + head_dim)
+    calls = []
+    native = kernels.paged_decode
+    monkeypatch.setattr(kernels, "paged_decode", lambda *a: calls.append(1) or native(*a))
+    ours = attention._decode(q, layer, meta, 0.3, window)
+    assert calls == [1]
+    ref = _torch_decode(q, layer, meta, window, monkeypatch)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_nothing_past_a_context(lib, monkeypatch):
+    clean = _case(30, 8, 2, 16, max_ctx=21, seed=5)
+    q, layer, meta = _case(30, 8, 2, 16, max_ctx=21, seed=5, poison_tail=True)
+    ours = attention._decode(q, layer, meta, 0.3, None)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, _torch_decode(*clean, None, monkeypatch),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_long_context_and_one_token(lib, monkeypatch):
+    q, layer, meta = _case(3, 4, 2, 32, max_ctx=1, seed=1)  # every context one token long
+    torch.testing.assert_close(attention._decode(q, layer, meta, 0.3, None),
+                               _torch_decode(q, layer, meta, None, monkeypatch))
+    q, layer, meta = _case(2, 4, 2, 32, max_ctx=3000, seed=2)
+    torch.testing.assert_close(attention._decode(q, layer, meta, 0.3, None),
+                               _torch_decode(q, layer, meta, None, monkeypatch),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_tables_that_would_read_astray_are_refused(lib):
+    q, layer, meta = _case(4, 4, 2, 8, max_ctx=9, seed=3)
+    tables, ctx = meta.decode_block_tables, meta.decode_ctx_lens
+    pages = layer.shape[0]
+    for bad_tables, bad_ctx, match in (
+        (tables.clone().fill_(pages), ctx, "page ids"),
+        (tables.clone().fill_(-1), ctx, "page ids"),
+        (tables, ctx + tables.shape[1] * BLOCK, "longer than its block table"),
+        (tables, ctx * 0, "empty"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            kernels.paged_decode(lib, q, layer, bad_tables, bad_ctx, 0.3, None)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.paged_decode(lib, q[:2], layer, tables, ctx, 0.3, None)
+    assert kernels.paged_decode(lib, q[:0], layer, tables[:0], ctx[:0], 0.3, None).shape[0] == 0
+
+
+def test_torch_path_where_the_kernel_cannot_serve(lib, monkeypatch):
+    """bf16, a pool of another dtype, autograd, or the kernels switched off: torch SDPA."""
+    q, layer, _ = _case(2, 4, 2, 8, max_ctx=5, seed=4)
+    assert attention._native_decode(q, layer)
+    assert not attention._native_decode(q.bfloat16(), layer.bfloat16())
+    assert not attention._native_decode(q, layer.double())
+    assert not attention._native_decode(q.requires_grad_(), layer)
+    monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
+    assert not attention._native_decode(q.detach(), layer)
