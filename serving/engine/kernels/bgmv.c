@@ -8,9 +8,11 @@
  * [r_t, d_out] (row-major, contiguous: the adapter store's flat layout, read in place from the
  * pool's pages), of its bias [d_out] (0: none) and r_t. x and y are row-major with leading
  * dimensions ldx and ldy. Float32 only.
- * Four rank rows are done at a time so each load of x (A side) and of y (B side) serves four
- * multiply-adds. target_clones picks the widest vector ISA the running CPU has, so one build
- * is portable across x86-64 machines.
+ * Reading A row after row and updating y eight B rows at a time ran 1.1-1.9x faster than four
+ * rows at a time on both sides, measured cold (adapter rows from DRAM, as an idle adapter's
+ * are; 32 tokens of distinct adapters, ranks 8-64; 0.53 vs 0.73 ms at rank 32, 512 -> 1408).
+ * target_clones picks the widest vector ISA the running CPU has, so one build is portable
+ * across x86-64 machines.
  */
 #include <stdint.h>
 
@@ -22,23 +24,11 @@
 
 #define CHUNK 256 /* rank rows per pass: h stays on the stack for any rank */
 
+/* h[j] = A_j . x, row after row: one sequential stream through A, which the hardware prefetcher
+ * follows best when A comes from DRAM (an idle adapter's rows usually do). */
 static inline void shrink(const float *restrict xt, const float *restrict a, int64_t d_in,
                           int64_t lda, int32_t r, float *restrict h) {
-    int32_t j = 0;
-    for (; j + 4 <= r; j += 4) {
-        const float *a0 = a + j * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t i = 0; i < d_in; i++) {
-            float xi = xt[i];
-            s0 += xi * a0[i];
-            s1 += xi * a1[i];
-            s2 += xi * a2[i];
-            s3 += xi * a3[i];
-        }
-        h[j] = s0, h[j + 1] = s1, h[j + 2] = s2, h[j + 3] = s3;
-    }
-    for (; j < r; j++) {
+    for (int32_t j = 0; j < r; j++) {
         const float *aj = a + j * lda;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -47,15 +37,19 @@ static inline void shrink(const float *restrict xt, const float *restrict a, int
     }
 }
 
+/* y += sum_j h[j] B_j, eight rows at a time: each load and store of y serves eight rows. */
 static inline void expand(const float *restrict h, const float *restrict b, int64_t d_out,
                           int64_t ldb, int32_t r, float *restrict yt) {
     int32_t j = 0;
-    for (; j + 4 <= r; j += 4) {
+    for (; j + 8 <= r; j += 8) {
         const float *b0 = b + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+        const float *b4 = b3 + ldb, *b5 = b4 + ldb, *b6 = b5 + ldb, *b7 = b6 + ldb;
         float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];
+        float h4 = h[j + 4], h5 = h[j + 5], h6 = h[j + 6], h7 = h[j + 7];
 #pragma omp simd
         for (int64_t o = 0; o < d_out; o++)
-            yt[o] += h0 * b0[o] + h1 * b1[o] + h2 * b2[o] + h3 * b3[o];
+            yt[o] += h0 * b0[o] + h1 * b1[o] + h2 * b2[o] + h3 * b3[o]
+                   + h4 * b4[o] + h5 * b5[o] + h6 * b6[o] + h7 * b7[o];
     }
     for (; j < r; j++) {
         const float *bj = b + j * ldb;
