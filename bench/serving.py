@@ -155,6 +155,8 @@ def instrument(engine: Engine) -> dict[str, float]:
     def counted_execute(batch, *args, **kwargs):
         names = {s.adapter for s, _ in batch.prefills} | {s.adapter for s in batch.decodes}
         names.discard(None)
+        acc["tokens"] += sum(n for _, n in batch.prefills) + len(batch.decodes)
+        acc["forwards"] += 1
         acc["active_adapters"] += len(names)
         acc["active_adapter_bytes"] += sum(engine.store.get(n).nbytes for n in names)
         return execute(batch, *args, **kwargs)
@@ -165,6 +167,12 @@ def instrument(engine: Engine) -> dict[str, float]:
 
 def base_bytes(engine: Engine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def projection_params(engine: Engine) -> int:
+    """Weights of the per-token projections (q..down, every layer): what a token's forward
+    multiplies, 2 FLOPs each; the embedding is a lookup and the LM head runs on sampled rows."""
+    return sum(i * o for i, o in engine.shape.module_dims().values()) * engine.shape.num_layers
 
 
 def make_engine(ckpt: Path, bank: AdapterBank, n: int, args, num_pages: int) -> Engine:
@@ -229,6 +237,9 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
     steps = engine.steps - steps0
     page_mib = pool.page_bytes / 2**20
     step_s = acc["step"]
+    adapter_bytes = acc["active_adapter_bytes"]
+    weight_bytes = acc["forwards"] * projection_params(engine) * 4 + adapter_bytes
+    flops = 2 * projection_params(engine) * acc["tokens"]
     breakdown = {
         "schedule_excl_adapter_load": acc["schedule"] - acc["adapter_load"],
         "adapter_load": acc["adapter_load"],
@@ -252,6 +263,11 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
             acc["active_adapter_bytes"] / max(steps, 1) / 2**20, 2),
         "active_adapter_bytes_over_base": round(
             acc["active_adapter_bytes"] / max(steps, 1) / base_bytes(engine), 3),
+        "tokens_computed": int(acc["tokens"]),
+        # Inputs of physical_limits (main): what the forwards had to multiply and read.
+        "forward_s": round(acc["forward"], 4),
+        "projection_gflop": round(flops / 1e9, 3),
+        "weight_and_adapter_gb_read": round(weight_bytes / 1e9, 3),
         "adapter_loads": engine.cache.loads - loads0,
         "adapter_evictions": engine.cache.evictions - evictions0,
         "preemptions": engine.scheduler.preemptions,
@@ -375,6 +391,45 @@ def batching_gain(model, device: str, batch: int = 32, repeats: int = 10) -> dic
             f"batching_gain_b{batch}": round(batch * t1 / tb, 2)}
 
 
+def machine_limits(hidden: int, intermediate: int, device: str, repeats: int = 10) -> dict:
+    """What this machine can do, measured here (BENCHMARKS.md "Physical limits"): peak GEMM
+    rate on the model's gate/up projection shape at 256 rows with the weight in cache, and
+    read bandwidth over a buffer far larger than the last-level cache. Best of repeats."""
+    x = torch.randn(256, hidden, device=device)
+    w = torch.randn(intermediate, hidden, device=device)
+    buf = torch.ones(64 * 2**20, device=device)  # 256 MiB
+    best_mm = best_read = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best_mm = min(best_mm, time.perf_counter() - t)
+        for _ in range(max(3, repeats // 3)):
+            t = time.perf_counter()
+            buf.sum()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best_read = min(best_read, time.perf_counter() - t)
+    return {"peak_gemm_gflop_per_s": round(2 * x.numel() * intermediate / best_mm / 1e9, 1),
+            "read_gb_per_s": round(buf.numel() * 4 / best_read / 1e9, 1)}
+
+
+def physical_limits(side: dict, machine: dict) -> dict:
+    """How much of a side's forward time the machine's limits explain: its projection FLOPs at
+    peak GEMM rate, its weight and adapter bytes at full read bandwidth, and both one after the
+    other (one thread cannot overlap them). A serial share near 1 leaves little to gain."""
+    fwd = side["forward_s"]
+    compute = side["projection_gflop"] / machine["peak_gemm_gflop_per_s"]
+    read = side["weight_and_adapter_gb_read"] / machine["read_gb_per_s"]
+    return {"achieved_gflop_per_s": round(side["projection_gflop"] / fwd, 1),
+            "gemm_share_of_peak": round(compute / fwd, 3),
+            "read_gb_per_s": round(side["weight_and_adapter_gb_read"] / fwd, 1),
+            "read_share_of_bandwidth": round(read / fwd, 3),
+            "compute_plus_read_share_of_forward": round((compute + read) / fwd, 3)}
+
+
 def peft_reference(model, trace: list[Request], indices: list[int], device: str
                    ) -> dict[int, list[int]]:
     """Unpadded batch-1 greedy outputs under set_adapter: the plain PEFT answer."""
@@ -485,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         keep(f"saturated/engine_n{n}", done)
 
     machine = batching_gain(hf_model, args.device)
+    machine.update(machine_limits(spec.hidden_size, spec.intermediate_size, args.device))
     log(f"machine {machine}")
     peft_model = add_peft_adapters(hf_model, bank, N_PEFT).to(args.device)
     peft_bytes = sum(p.numel() * p.element_size() for p in peft_model.parameters())
@@ -567,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {k: v for k, v in ratios.items() if v is not None}
     results["correctness"] = correctness
     results["machine"] = machine
+    results["physical_limits"] = {key: physical_limits(side, machine)
+                                  for key, side in results.items() if "forward_s" in side}
     results["process_peak_rss_mib"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["total_wall_s"] = round(time.monotonic() - t_start, 2)
