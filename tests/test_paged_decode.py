@@ -101,6 +101,10 @@ def test_tables_that_would_read_astray_are_refused(lib):
             kernels.paged_decode(lib, q, layer, bad_tables, bad_ctx, 0.3, None)
     with pytest.raises(ValueError, match="do not match"):
         kernels.paged_decode(lib, q[:2], layer, tables, ctx, 0.3, None)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.paged_decode(lib, q, layer, tables.int(), ctx, 0.3, None)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.paged_decode(lib, q.double(), layer.double(), tables, ctx, 0.3, None)
     assert kernels.paged_decode(lib, q[:0], layer, tables[:0], ctx[:0], 0.3, None).shape[0] == 0
 
 

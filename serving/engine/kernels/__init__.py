@@ -278,6 +278,10 @@ def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, 
                          f"{tuple(tables.shape)} and ctx_lens {tuple(ctx_lens.shape)} do not match")
     if kv_layer[0].stride() != (block * kv_heads * hd, kv_heads * hd, hd, 1):
         raise ValueError("paged_decode: each page of kv_layer must be contiguous")
+    if not (q.dtype == kv_layer.dtype == torch.float32 and q.device.type == "cpu"
+            == kv_layer.device.type and tables.dtype == ctx_lens.dtype == torch.int64):
+        raise ValueError("paged_decode: q and kv_layer must be float32 on the CPU, tables and "
+                         "ctx_lens int64")
     q = q.contiguous()
     tables, ctx_lens = tables.contiguous(), ctx_lens.contiguous()
     out = torch.empty_like(q)
