@@ -419,7 +419,9 @@ def machine_limits(hidden: int, intermediate: int, device: str, repeats: int = 1
 def physical_limits(side: dict, machine: dict) -> dict:
     """How much of a side's forward time the machine's limits explain: its projection FLOPs at
     peak GEMM rate, its weight and adapter bytes at full read bandwidth, and both one after the
-    other (one thread cannot overlap them). A serial share near 1 leaves little to gain."""
+    other (one thread cannot overlap them). A serial share near 1 leaves little to gain. Where
+    the weights fit the last-level cache (the --quick model), they are read from cache, not at
+    the measured memory bandwidth, so the read share overstates what reading costs there."""
     fwd = side["forward_s"]
     compute = side["projection_gflop"] / machine["peak_gemm_gflop_per_s"]
     read = side["weight_and_adapter_gb_read"] / machine["read_gb_per_s"]
