@@ -397,7 +397,7 @@ def machine_limits(hidden: int, intermediate: int, device: str, repeats: int = 1
     read bandwidth over a buffer far larger than the last-level cache. Best of repeats."""
     x = torch.randn(256, hidden, device=device)
     w = torch.randn(intermediate, hidden, device=device)
-    buf = torch.ones(64 * 2**20, device=device)  # 256 MiB
+    buf = torch.ones(32 * 2**20, device=device)  # 128 MiB: 4x this machine's last-level cache
     best_mm = best_read = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
