@@ -111,9 +111,9 @@ def test_tables_that_would_read_astray_are_refused(lib):
 def test_torch_path_where_the_kernel_cannot_serve(lib, monkeypatch):
     """bf16, a pool of another dtype, autograd, or the kernels switched off: torch SDPA."""
     q, layer, _ = _case(2, 4, 2, 8, max_ctx=5, seed=4)
-    assert attention._native_decode(q, layer)
-    assert not attention._native_decode(q.bfloat16(), layer.bfloat16())
-    assert not attention._native_decode(q, layer.double())
-    assert not attention._native_decode(q.requires_grad_(), layer)
+    assert attention._native_decode_lib(q, layer) is lib
+    assert attention._native_decode_lib(q.bfloat16(), layer.bfloat16()) is None
+    assert attention._native_decode_lib(q, layer.double()) is None
+    assert attention._native_decode_lib(q.requires_grad_(), layer) is None
     monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
-    assert not attention._native_decode(q.detach(), layer)
+    assert attention._native_decode_lib(q.detach(), layer) is None

@@ -11,6 +11,7 @@ cache is ``kv[:, layer]`` of the pool view laid out in layout.py:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from ctypes import CDLL
 from dataclasses import dataclass
 
 import torch
@@ -191,19 +192,22 @@ def _decode(
     """One batched attention for all decode tokens, q [n, H, D]; on the torch path no host
     sync, graph-safe."""
     tables = meta.decode_block_tables
-    if _native_decode(q, kv_layer):
-        return kernels.paged_decode(kernels.paged_decode_lib(), q, kv_layer, tables,
-                                    meta.decode_ctx_lens, scale, window)
+    lib = _native_decode_lib(q, kv_layer)
+    if lib is not None:
+        return kernels.paged_decode(lib, q, kv_layer, tables, meta.decode_ctx_lens, scale,
+                                    window)
     k_pos = torch.arange(tables.shape[1] * kv_layer.shape[2], device=q.device)
     k, v = _gather(kv_layer, tables)
     mask = _window_mask(meta.decode_ctx_lens - 1, k_pos, window)
     return _grouped_sdpa(q[:, None], k, v, mask[:, None], scale)[:, 0]
 
 
-def _native_decode(q: Tensor, kv_layer: Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == kv_layer.dtype == torch.float32
-            and not (torch.is_grad_enabled() and q.requires_grad)
-            and kernels.paged_decode_lib() is not None)
+def _native_decode_lib(q: Tensor, kv_layer: Tensor) -> CDLL | None:
+    """The decode kernel's library where it serves these tensors, else None (torch path)."""
+    if q.device.type != "cpu" or not q.dtype == kv_layer.dtype == torch.float32 \
+            or (torch.is_grad_enabled() and q.requires_grad):
+        return None
+    return kernels.paged_decode_lib()
 
 
 def paged_attention(
