@@ -237,9 +237,9 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
     steps = engine.steps - steps0
     page_mib = pool.page_bytes / 2**20
     step_s = acc["step"]
-    adapter_bytes = acc["active_adapter_bytes"]
-    weight_bytes = acc["forwards"] * projection_params(engine) * 4 + adapter_bytes
-    flops = 2 * projection_params(engine) * acc["tokens"]
+    proj = projection_params(engine)
+    weight_bytes = acc["forwards"] * proj * 4 + acc["active_adapter_bytes"]
+    flops = 2 * proj * acc["tokens"]
     breakdown = {
         "schedule_excl_adapter_load": acc["schedule"] - acc["adapter_load"],
         "adapter_load": acc["adapter_load"],
@@ -369,6 +369,15 @@ def run_peft(model, trace: list[Request], mode: str, args, slo_s: float | None) 
     return res, records
 
 
+def timed(fn, device: str) -> float:
+    """Seconds of one call of ``fn``, its device work included."""
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def batching_gain(model, device: str, batch: int = 32, repeats: int = 10) -> dict:
     """How much faster per token the base model runs 32 one-token rows than one: the most
     any batching can gain over serving requests one at a time (no KV cache, so this is the
@@ -381,11 +390,7 @@ def batching_gain(model, device: str, batch: int = 32, repeats: int = 10) -> dic
     with torch.inference_mode():
         for _ in range(repeats):
             for b, ids in inputs.items():
-                t = time.perf_counter()
-                model(ids)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                best[b] = min(best[b], time.perf_counter() - t)
+                best[b] = min(best[b], timed(lambda ids=ids: model(ids), device))
     t1, tb = best[1], best[batch]
     return {"forward_b1_ms": round(t1 * 1e3, 3), f"forward_b{batch}_ms": round(tb * 1e3, 3),
             f"batching_gain_b{batch}": round(batch * t1 / tb, 2)}
@@ -398,20 +403,10 @@ def machine_limits(hidden: int, intermediate: int, device: str, repeats: int = 1
     x = torch.randn(256, hidden, device=device)
     w = torch.randn(intermediate, hidden, device=device)
     buf = torch.ones(32 * 2**20, device=device)  # 128 MiB: 4x this machine's last-level cache
-    best_mm = best_read = float("inf")
     with torch.inference_mode():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best_mm = min(best_mm, time.perf_counter() - t)
-        for _ in range(max(3, repeats // 3)):
-            t = time.perf_counter()
-            buf.sum()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best_read = min(best_read, time.perf_counter() - t)
+        best_mm = min(timed(lambda: torch.nn.functional.linear(x, w), device)
+                      for _ in range(repeats))
+        best_read = min(timed(buf.sum, device) for _ in range(max(3, repeats // 3)))
     return {"peak_gemm_gflop_per_s": round(2 * x.numel() * intermediate / best_mm / 1e9, 1),
             "read_gb_per_s": round(buf.numel() * 4 / best_read / 1e9, 1)}
 
