@@ -23,6 +23,7 @@ from serving.engine import kernels
 from serving.engine.attention import AttentionMetadata
 from serving.engine.layout import TARGET_MODULES
 from serving.engine.model import LlamaForServing
+from serving.engine.packed_linear import packing_enabled
 from serving.engine.rope import RotaryEmbedding
 from tests.native_support import require_native
 
@@ -136,8 +137,11 @@ def decode_path(request: pytest.FixtureRequest, monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["one-prefill", "chunked-5"])
-def test_matches_hf(tiny_checkpoint: Path, chunk: int | None, decode_path: list[int]) -> None:
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "plain-weights"])
+def test_matches_hf(tiny_checkpoint: Path, chunk: int | None, decode_path: list[int],
+                    packed: bool) -> None:
     model = LlamaForServing.from_checkpoint(tiny_checkpoint)
+    assert (model.pack_weights(packed) > 0) == (packed and packing_enabled())
     seqs = _serve(model, _prompts(model.shape.vocab_size), chunk)
     _check_against_hf(tiny_checkpoint, seqs)
     assert decode_path or kernels.paged_decode_lib() is None  # the kernel ran where it was on

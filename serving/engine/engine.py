@@ -40,6 +40,7 @@ class Engine:
         self.tokenizer = load_tokenizer(config.model)
         self.runner = ModelRunner.from_checkpoint(config.model, config.dtype, config.device,
                                                   config.max_num_seqs)
+        self.runner.model.pack_weights(config.packed_weights)
         self.shape = self.runner.shape
         self.max_model_len = config.max_model_len or hf_config.get(
             "max_position_embeddings", 2048)
@@ -337,6 +338,7 @@ class Engine:
             # How adapters reach the LoRA operator, and how many were copied to get there
             # (slot-buffer copies, or pool reads whose pages were not consecutive).
             "lora_path": self.runner.lora_path,
+            "packed_weight_bytes": self.runner.model.packed_bytes(),
             "adapter_copies": self.runner.adapter_copies,
             "preemptions": self.scheduler.preemptions,
             "steps": self.steps,

@@ -20,6 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from serving.engine.attention import AttentionMetadata, paged_attention
 from serving.engine.layout import ModelShape
+from serving.engine.packed_linear import PackedWeight, pack_weight
 from serving.engine.rope import RotaryEmbedding, apply_rope
 from serving.engine.weights import load_weights, read_config
 
@@ -43,9 +44,15 @@ class AdapterLinear(nn.Module):
         self.layer, self.name = layer, name
         self.weight = _empty(d_out, d_in, dtype=dtype, device=device)
         self.bias = _empty(d_out, dtype=dtype, device=device) if bias else None
+        # Not a parameter or buffer: a cache of ``weight`` that state dicts, .to() and the
+        # co-serving skeleton never see (LlamaForServing.pack_weights).
+        self.packed: PackedWeight | None = None
 
     def forward(self, x: Tensor, lora: LoraHook | None) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None and self.packed.usable(x):
+            y = self.packed.linear(x, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if lora is not None:
             y = lora.apply(self.layer, self.name, x, y)
         return y
@@ -154,6 +161,25 @@ class LlamaForServing(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = Embedding(self.shape.vocab_size, self.shape.hidden_size, dtype, device)
         self.rotary = RotaryEmbedding(cfg, self.shape.head_dim, device)
+        self.head_packed: PackedWeight | None = None
+
+    def pack_weights(self, enabled: bool = True) -> int:
+        """Give every projection and the LM head a oneDNN-packed copy of its weight (CPU
+        float32; see packed_linear.py), or drop the copies. Returns how many were packed."""
+        linears = [m for m in self.modules() if isinstance(m, AdapterLinear)]
+        for m in linears:
+            m.packed = pack_weight(m.weight) if enabled else None
+        self.head_packed = pack_weight(self._head().weight) if enabled else None
+        return sum(m.packed is not None for m in linears) + (self.head_packed is not None)
+
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed copies (their weights' bytes)."""
+        packs = [m.packed for m in self.modules() if isinstance(m, AdapterLinear)]
+        packs.append(self.head_packed)
+        return sum(p.source.numel() * p.source.element_size() for p in packs if p is not None)
+
+    def _head(self) -> Embedding:
+        return self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32,
@@ -179,8 +205,9 @@ class LlamaForServing(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits [N, vocab] for hidden states [N, hidden] (e.g. each sequence's last)."""
-        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, head.weight).float()
+        if self.head_packed is not None and self.head_packed.usable(hidden):
+            return self.head_packed.linear(hidden)
+        return F.linear(hidden, self._head().weight).float()
 
 
 def hf_config_object(hf_config: dict | PretrainedConfig) -> PretrainedConfig:
