@@ -1,5 +1,6 @@
-"""Decode attention read in place from pool pages (kernels/paged_decode.c) against the torch
-path it replaces on the CPU, and its refusals of tables that would make it read astray."""
+"""Attention read in place from pool pages (kernels/paged_decode.c) against the torch paths it
+replaces on the CPU (batched decode; prefill chunks, with and without cached context), and its
+refusals of tables that would make it read astray."""
 
 from __future__ import annotations
 
@@ -54,24 +55,62 @@ def _torch_decode(q, layer, meta, window, monkeypatch):
         return attention._decode(q, layer, meta, 0.3, window)
 
 
+def _native(lib, q, layer, meta, window):
+    """What paged_attention runs on the CPU: every token one query over its own context."""
+    return kernels.paged_decode(lib, q, layer, *meta.per_token(), 0.3, window)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 16), (4, 4, 64), (6, 3, 8)])
 @pytest.mark.parametrize("window", [None, 5, 100])
 def test_matches_the_torch_path(lib, monkeypatch, heads, kv_heads, head_dim, window):
     q, layer, meta = _case(40, heads, kv_heads, head_dim, max_ctx=37, seed=heads + head_dim)
+    ours = _native(lib, q, layer, meta, window)
+    ref = _torch_decode(q, layer, meta, window, monkeypatch)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_mixed_step_in_one_call_matches_the_torch_paths(lib, monkeypatch, window):
+    """Prefill chunks (a whole prompt, one with cached context before it, a one-token chunk)
+    and decode tokens: paged_attention makes one kernel call per layer, and every token's
+    output is what torch's per-sequence SDPA and batched decode give."""
+    heads, kv_heads, hd = 6, 2, 16
+    g = torch.Generator().manual_seed(7)
+    pre_q, pre_ctx = [9, 6, 1], [9, 17, 12]  # new tokens, context after them
+    dec_ctx = [5, 1, 23]
+    ctxs = pre_ctx + dec_ctx
+    blocks = [-(-c // BLOCK) for c in ctxs]
+    perm = torch.randperm(sum(blocks) + 2, generator=g).tolist()
+    tables = [perm[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(ctxs))]
+    null = perm[-1]
+    kv = torch.full((len(perm), 2, 2, BLOCK, kv_heads, hd), torch.nan)
+    layer = kv[:, 0]
+    for c, table in zip(ctxs, tables, strict=True):  # cached context; new tokens overwrite
+        layer[table] = 0
+        for p in range(c):
+            layer[table[p // BLOCK], :, p % BLOCK] = torch.randn(2, kv_heads, hd, generator=g)
+    layer[null] = 0
+    meta = AttentionMetadata.build(BLOCK, pre_q, pre_ctx, tables[:3], dec_ctx, tables[3:],
+                                   pad_page=null)
+    t = sum(pre_q) + len(dec_ctx)
+    q, k, v = (torch.randn(t, h, hd, generator=g) for h in (heads, kv_heads, kv_heads))
     calls = []
     native = kernels.paged_decode
     monkeypatch.setattr(kernels, "paged_decode", lambda *a: calls.append(1) or native(*a))
-    ours = attention._decode(q, layer, meta, 0.3, window)
+    ours = attention.paged_attention(q, k, v, layer.clone(), meta, 0.3, window)
     assert calls == [1]
-    ref = _torch_decode(q, layer, meta, window, monkeypatch)
-    assert torch.isfinite(ours).all()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "paged_decode_lib", lambda: None)
+        ref = attention.paged_attention(q, k, v, layer.clone(), meta, 0.3, window)
+    assert calls == [1] and torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_reads_nothing_past_a_context(lib, monkeypatch):
     clean = _case(30, 8, 2, 16, max_ctx=21, seed=5)
     q, layer, meta = _case(30, 8, 2, 16, max_ctx=21, seed=5, poison_tail=True)
-    ours = attention._decode(q, layer, meta, 0.3, None)
+    ours = _native(lib, q, layer, meta, None)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, _torch_decode(*clean, None, monkeypatch),
                                atol=1e-5, rtol=1e-5)
@@ -79,10 +118,10 @@ def test_reads_nothing_past_a_context(lib, monkeypatch):
 
 def test_long_context_and_one_token(lib, monkeypatch):
     q, layer, meta = _case(3, 4, 2, 32, max_ctx=1, seed=1)  # every context one token long
-    torch.testing.assert_close(attention._decode(q, layer, meta, 0.3, None),
+    torch.testing.assert_close(_native(lib, q, layer, meta, None),
                                _torch_decode(q, layer, meta, None, monkeypatch))
     q, layer, meta = _case(2, 4, 2, 32, max_ctx=3000, seed=2)
-    torch.testing.assert_close(attention._decode(q, layer, meta, 0.3, None),
+    torch.testing.assert_close(_native(lib, q, layer, meta, None),
                                _torch_decode(q, layer, meta, None, monkeypatch),
                                atol=1e-5, rtol=1e-5)
 

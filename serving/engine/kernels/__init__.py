@@ -4,8 +4,9 @@
   step launching small ops (a gather, a GEMM pair per rank group, a scatter): about 200 us a
   module on CPU for work that reads a few hundred KiB; the kernel does the same in one call of
   about 10 us.
-- ``paged_decode.c``: decode attention reading K/V in place from the pool's pages. The torch
-  path gathers every sequence's pages into a padded copy and masks it, per layer and step.
+- ``paged_decode.c``: attention reading K/V in place from the pool's pages, every token of a
+  step (decode and prefill) as one query over its context, one call per layer. The torch path
+  gathers every sequence's pages into a padded copy and masks it, per layer and step.
 
 Each is plain C with no torch headers, so it builds in under a second with the system compiler
 (a torch extension would take a minute), and one build serves every x86-64 CPU
@@ -259,12 +260,14 @@ def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
 
 def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, ctx_lens: Tensor,
                  scale: float, window: int | None) -> Tensor:
-    """Attention of one query token per sequence to its cached context, read in place.
+    """Attention of each query token to the first ``ctx_lens[i]`` positions of its sequence's
+    cache, read in place.
 
     q [n, heads, head_dim] (float32, CPU, contiguous); ``kv_layer`` one layer of the pool view,
     [pages, 2, block_size, kv_heads, head_dim] (each page's block contiguous); ``tables``
-    int64 [n, blocks] the pages of each sequence; ``ctx_lens`` int64 [n] its tokens including
-    this one, whose K/V must already be written. A ``window`` keeps the last ``window``
+    int64 [n, blocks] the pages of each query's sequence; ``ctx_lens`` int64 [n] the positions
+    it sees, its own included (a decode token: the whole context; a prefill token: its
+    position + 1), whose K/V must already be written. A ``window`` keeps the last ``window``
     positions (HF's sliding window). Returns [n, heads, head_dim].
 
     The kernel dereferences page ids unchecked, so this checks that every id in ``tables`` is

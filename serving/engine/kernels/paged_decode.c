@@ -1,13 +1,15 @@
-/* Decode attention read in place from the unified pool's KV pages (CPU, float32).
+/* Attention read in place from the unified pool's KV pages (CPU, float32).
  *
- * One query token per sequence attends to its whole cached context (its own K/V included,
- * already written). The torch path gathers each sequence's pages into a padded copy, builds a
- * mask and runs SDPA, per layer and step; here each K/V row is read once, where it lies, for
- * every query head of its group (GQA), and only the positions a sequence has are touched.
+ * Each row is one query token attending to the first ctx_lens[i] positions of its sequence's
+ * cache (its own K/V included, already written): a decode token to the whole context, a
+ * prefill token to the positions up to its own, so one call serves a whole step. The torch
+ * path gathers each sequence's pages into a padded copy, builds a mask and runs SDPA, per layer
+ * and step; here each K/V row is read where it lies, for every query head of its group (GQA),
+ * and only the positions a query sees are touched.
  *
  * Layout: a page is [2][block_size][kv_heads][head_dim] (K then V), pages page_stride floats
- * apart (one layer's slice of the pool view). tables[i * table_stride + b] is sequence i's
- * b-th page, ctx_lens[i] its tokens. window > 0 keeps the last window positions (HF's sliding
+ * apart (one layer's slice of the pool view). tables[i * table_stride + b] is row i's
+ * sequence's b-th page, ctx_lens[i] the positions it attends to. window > 0 keeps the last window positions (HF's sliding
  * window: key index > query index - window). Softmax is two-pass per head (max, then
  * exp-sum), as exact as SDPA's. Returns 0, or -1 when the score buffer cannot be allocated.
  */
