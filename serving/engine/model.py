@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from serving.engine import kernels
 from serving.engine.attention import AttentionMetadata, paged_attention
 from serving.engine.layout import ModelShape
 from serving.engine.packed_linear import PackedWeight, pack_weight
@@ -65,6 +66,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and kernels.pointwise_usable(x, self.weight):
+            lib = kernels.pointwise_lib()
+            if lib is not None:
+                return kernels.rmsnorm(lib, x, self.weight, self.eps)
         # HF's order of casts, so bf16 results match it bit for bit.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from serving.engine import kernels
+
 
 def _default_inv_freq(base: float, dim: int) -> Tensor:
     # Same expression as LlamaRotaryEmbedding.compute_default_rope_parameters (not in the table).
@@ -83,6 +85,11 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [T, heads, head_dim] by the per-token cos/sin [T, head_dim] (HF's half layout)."""
+    """Rotate x [T, heads, head_dim] by the per-token cos/sin [T, head_dim] (HF's half layout).
+    On the CPU in float32, one native pass (kernels/pointwise.c) instead of six torch ops."""
+    if x.dim() == 3 and kernels.pointwise_usable(x, cos, sin):
+        lib = kernels.pointwise_lib()
+        if lib is not None:
+            return kernels.rope(lib, x, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + _rotate_half(x) * sin

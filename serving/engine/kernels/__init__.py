@@ -7,6 +7,7 @@
 - ``paged_decode.c``: attention reading K/V in place from the pool's pages, every token of a
   step (decode and prefill) as one query over its context, one call per layer. The torch path
   gathers every sequence's pages into a padded copy and masks it, per layer and step.
+- ``pointwise.c``: RMSNorm and RoPE, one pass each where torch makes five or six.
 
 Each is plain C with no torch headers, so it builds in under a second with the system compiler
 (a torch extension would take a minute), and one build serves every x86-64 CPU
@@ -38,9 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "KernelBuildError", "KernelSpec", "NativeLib",
-           "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available", "paged_decode",
-           "paged_decode_lib"]
+__all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "POINTWISE", "KernelBuildError", "KernelSpec",
+           "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available", "paged_decode",
+           "paged_decode_lib", "pointwise_lib", "pointwise_usable", "rmsnorm", "rope"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,12 @@ PAGED_DECODE = KernelSpec(
     {"paged_decode_f32": (ctypes.c_int, [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                                          _i64, _ptr, _i64, _ptr, _f32])},
     "paged attention kernel unavailable, using torch attention")
-KERNELS = (BGMV, PAGED_DECODE)
+POINTWISE = KernelSpec(
+    _HERE / "pointwise.c", 1,
+    {"rmsnorm_f32": (None, [_i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32]),
+     "rope_f32": (None, [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr])},
+    "RMSNorm/RoPE kernel unavailable, using torch ops")
+KERNELS = (BGMV, PAGED_DECODE, POINTWISE)
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
@@ -212,6 +218,7 @@ class NativeLib:
 
 _default = NativeLib()
 _paged_decode = NativeLib(spec=PAGED_DECODE)
+_pointwise = NativeLib(spec=POINTWISE)
 
 
 def enabled() -> bool:
@@ -226,6 +233,48 @@ def bgmv_lib() -> ctypes.CDLL | None:
 def paged_decode_lib() -> ctypes.CDLL | None:
     """The process's paged decode attention library, or None when disabled or unavailable."""
     return _paged_decode.load() if enabled() else None
+
+
+def pointwise_lib() -> ctypes.CDLL | None:
+    """The process's RMSNorm/RoPE library, or None when disabled or unavailable."""
+    return _pointwise.load() if enabled() else None
+
+
+def pointwise_usable(*tensors: Tensor) -> bool:
+    """Whether the pointwise kernels take these tensors: float32 on the CPU, unit stride along
+    the last dimension, and no autograd to feed."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1
+           for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rmsnorm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [rows, dim] (rows may be
+    strided), as HF's LlamaRMSNorm in float32. Tensors must pass ``pointwise_usable``."""
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not "
+                         "match")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if x.shape[0]:
+        lib.rmsnorm_f32(x.shape[0], x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(),
+                        out.stride(0), x.shape[1], eps)
+    return out
+
+
+def rope(lib: ctypes.CDLL, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's rotate-half RoPE of x [rows, heads, head_dim] by cos/sin [rows, head_dim]; a new
+    tensor. Tensors must pass ``pointwise_usable``."""
+    rows, heads, head_dim = x.shape
+    if cos.shape != (rows, head_dim) or sin.shape != cos.shape or head_dim % 2:
+        raise ValueError(f"rope: x {tuple(x.shape)}, cos {tuple(cos.shape)} and sin "
+                         f"{tuple(sin.shape)} do not match")
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    if rows:
+        lib.rope_f32(rows, heads, head_dim, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+                     sin.data_ptr())
+    return out
 
 
 def bgmv_usable(*tensors: Tensor) -> bool:
