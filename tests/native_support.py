@@ -1,4 +1,4 @@
-"""The native kernels' tests (LoRA, decode attention) need a C compiler to build them.
+"""The native kernels' tests (LoRA, attention, RMSNorm/RoPE) need a C compiler to build them.
 
 A machine without one serves through the torch operator, whose tests run everywhere, so there
 the kernels' tests skip with the reason. Under CI (``CI`` set) they fail instead: CI's machine
@@ -12,6 +12,15 @@ import os
 import pytest
 
 from serving.engine import kernels
+
+
+def native_lib(load):
+    """The library ``load()`` returns, once ``require_native`` passes: a compiler that is
+    present but cannot build the kernel fails the test."""
+    require_native()
+    lib = load()
+    assert lib is not None, "a C compiler is present but the kernel did not build"
+    return lib
 
 
 def require_native() -> None:

@@ -12,7 +12,7 @@ from serving.engine.adapter_store import build_host_adapter, unpack
 from serving.engine.layout import TARGET_MODULES, ModelShape
 from serving.engine.lora_pool import PoolLoraContext, adapter_rows
 from serving.engine.pool import ADAPTER, KV, UnifiedPool
-from tests.native_support import require_native
+from tests.native_support import native_lib, require_native
 
 SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
                    num_kv_heads=2, head_dim=8, vocab_size=50)
@@ -28,10 +28,7 @@ def native():
 
 @pytest.fixture(scope="module")
 def lib():
-    require_native()  # module fixtures set up before the autouse one above
-    lib = kernels.bgmv_lib()
-    assert lib is not None, "a C compiler is present but the kernel did not build"
-    return lib
+    return native_lib(kernels.bgmv_lib)  # module fixtures set up before autouse ones
 
 
 def _adapter(name, rank, seed, modules=TARGET_MODULES, bias=False, ranks=None):

@@ -9,17 +9,14 @@ import torch
 
 from serving.engine import attention, kernels
 from serving.engine.attention import AttentionMetadata
-from tests.native_support import require_native
+from tests.native_support import native_lib
 
 BLOCK = 4
 
 
 @pytest.fixture(scope="module")
 def lib():
-    require_native()
-    lib = kernels.paged_decode_lib()
-    assert lib is not None, "a C compiler is present but the kernel did not build"
-    return lib
+    return native_lib(kernels.paged_decode_lib)  # module fixtures set up before autouse ones
 
 
 def _case(n: int, heads: int, kv_heads: int, head_dim: int, max_ctx: int, seed: int,
@@ -150,9 +147,9 @@ def test_tables_that_would_read_astray_are_refused(lib):
 def test_torch_path_where_the_kernel_cannot_serve(lib, monkeypatch):
     """bf16, a pool of another dtype, autograd, or the kernels switched off: torch SDPA."""
     q, layer, _ = _case(2, 4, 2, 8, max_ctx=5, seed=4)
-    assert attention._native_decode_lib(q, layer) is lib
-    assert attention._native_decode_lib(q.bfloat16(), layer.bfloat16()) is None
-    assert attention._native_decode_lib(q, layer.double()) is None
-    assert attention._native_decode_lib(q.requires_grad_(), layer) is None
+    assert attention._native_attention_lib(q, layer) is lib
+    assert attention._native_attention_lib(q.bfloat16(), layer.bfloat16()) is None
+    assert attention._native_attention_lib(q, layer.double()) is None
+    assert attention._native_attention_lib(q.requires_grad_(), layer) is None
     monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")
-    assert attention._native_decode_lib(q.detach(), layer) is None
+    assert attention._native_attention_lib(q.detach(), layer) is None

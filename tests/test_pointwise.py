@@ -8,15 +8,12 @@ import torch
 
 from serving.engine import kernels
 from serving.engine.rope import apply_rope
-from tests.native_support import require_native
+from tests.native_support import native_lib
 
 
 @pytest.fixture(scope="module")
 def lib():
-    require_native()
-    lib = kernels.pointwise_lib()
-    assert lib is not None, "a C compiler is present but the kernel did not build"
-    return lib
+    return native_lib(kernels.pointwise_lib)  # module fixtures set up before autouse ones
 
 
 def _hf_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

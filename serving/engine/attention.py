@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serving.engine import kernels
+from serving.engine.kernels import cpu_float32_inference
 
 
 @dataclass
@@ -216,10 +217,9 @@ def _decode(
     return _grouped_sdpa(q[:, None], k, v, mask[:, None], scale)[:, 0]
 
 
-def _native_decode_lib(q: Tensor, kv_layer: Tensor) -> CDLL | None:
+def _native_attention_lib(q: Tensor, kv_layer: Tensor) -> CDLL | None:
     """The attention kernel's library where it serves these tensors, else None (torch path)."""
-    if q.device.type != "cpu" or not q.dtype == kv_layer.dtype == torch.float32 \
-            or (torch.is_grad_enabled() and q.requires_grad):
+    if not cpu_float32_inference(q, kv_layer):
         return None
     return kernels.paged_decode_lib()
 
@@ -233,7 +233,7 @@ def paged_attention(
     ``window`` is the layer's sliding window (None for full attention).
     """
     write_kv(kv_layer, k, v, meta)
-    lib = _native_decode_lib(q, kv_layer)
+    lib = _native_attention_lib(q, kv_layer)
     if lib is not None:
         tables, ctx = meta.per_token()
         return kernels.paged_decode(lib, q, kv_layer, tables, ctx, scale, window)

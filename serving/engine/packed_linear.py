@@ -16,22 +16,20 @@ path (autograd through the base, the co-serving skeleton) and checkpoints use it
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import Tensor
 
+from serving.engine.kernels import cpu_float32_inference, env_flag
+
 __all__ = ["PackedWeight", "packing_enabled", "pack_weight"]
 
 log = logging.getLogger(__name__)
-_OFF = {"0", "false", "no", "off"}
 
 
 def packing_enabled() -> bool:
     """oneDNN is built in and the environment does not turn packing off."""
-    if os.environ.get("ADAPTERHUB_PACKED_WEIGHTS", "1").strip().lower() in _OFF:
-        return False
-    return torch.backends.mkldnn.is_available()
+    return env_flag("ADAPTERHUB_PACKED_WEIGHTS") and torch.backends.mkldnn.is_available()
 
 
 class PackedWeight:
@@ -61,8 +59,7 @@ class PackedWeight:
     def usable(x: Tensor) -> bool:
         """Whether ``linear(x)`` may stand in for ``F.linear(x, weight)``: a 2-D float32 CPU
         input outside autograd (the packed op has no backward)."""
-        return (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (x.requires_grad and torch.is_grad_enabled()))
+        return x.dim() == 2 and cpu_float32_inference(x)
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         if not self.fresh():

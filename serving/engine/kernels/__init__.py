@@ -40,8 +40,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "POINTWISE", "KernelBuildError", "KernelSpec",
-           "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available", "paged_decode",
-           "paged_decode_lib", "pointwise_lib", "pointwise_usable", "rmsnorm", "rope"]
+           "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available",
+           "cpu_float32_inference", "env_flag", "paged_decode", "paged_decode_lib",
+           "pointwise_lib", "pointwise_usable", "rmsnorm", "rope"]
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,21 @@ _paged_decode = NativeLib(spec=PAGED_DECODE)
 _pointwise = NativeLib(spec=POINTWISE)
 
 
+def env_flag(name: str) -> bool:
+    """An on-by-default switch: off when the variable says 0, false, no or off."""
+    return os.environ.get(name, "1").strip().lower() not in _OFF
+
+
 def enabled() -> bool:
-    return os.environ.get("ADAPTERHUB_NATIVE_KERNELS", "1").strip().lower() not in _OFF
+    return env_flag("ADAPTERHUB_NATIVE_KERNELS")
+
+
+def cpu_float32_inference(*tensors: Tensor) -> bool:
+    """Every tensor float32 on the CPU, and none feeding autograd (the kernels record no
+    graph): what each native path and the packed weights require."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def bgmv_lib() -> ctypes.CDLL | None:
@@ -243,10 +257,7 @@ def pointwise_lib() -> ctypes.CDLL | None:
 def pointwise_usable(*tensors: Tensor) -> bool:
     """Whether the pointwise kernels take these tensors: float32 on the CPU, unit stride along
     the last dimension, and no autograd to feed."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1
-           for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return all(t.stride(-1) == 1 for t in tensors) and cpu_float32_inference(*tensors)
 
 
 def rmsnorm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -280,12 +291,9 @@ def rope(lib: ctypes.CDLL, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def bgmv_usable(*tensors: Tensor) -> bool:
     """Whether ``bgmv`` takes these tensors (x, y and the weights): float32 on the CPU, 2-D
     with unit stride along features, and no autograd to feed (the kernel records no graph)."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2
-           or t.stride(1) != 1 for t in tensors):
+    if any(t.dim() != 2 or t.stride(1) != 1 for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return bgmv_lib() is not None
+    return cpu_float32_inference(*tensors) and bgmv_lib() is not None
 
 
 def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
