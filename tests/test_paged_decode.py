@@ -113,6 +113,17 @@ def test_reads_nothing_past_a_context(lib, monkeypatch):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_peaked_scores_keep_the_softmax_exact(lib, monkeypatch):
+    """Scores spread far past float exp's range (e^-87 and under), where the kernel's own exp
+    clamps: the weights of the far positions still vanish against the near ones."""
+    q, layer, meta = _case(24, 4, 2, 16, max_ctx=40, seed=7)
+    q = q * 60
+    ours = _native(lib, q, layer, meta, None)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, _torch_decode(q, layer, meta, None, monkeypatch),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_long_context_and_one_token(lib, monkeypatch):
     q, layer, meta = _case(3, 4, 2, 32, max_ctx=1, seed=1)  # every context one token long
     torch.testing.assert_close(_native(lib, q, layer, meta, None),

@@ -83,7 +83,8 @@ FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
 FALLBACK_FLAGS = ("-DBGMV_NO_CLONES",)
-LIBS = ("-lm",)  # after the source, so the linker keeps it (expf in paged_decode.c)
+# After the source, so the linker keeps it (floorf in paged_decode.c's baseline clone).
+LIBS = ("-lm",)
 _OFF = {"0", "false", "no", "off"}
 
 

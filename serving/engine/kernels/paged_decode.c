@@ -11,7 +11,8 @@
  * apart (one layer's slice of the pool view). tables[i * table_stride + b] is row i's
  * sequence's b-th page, ctx_lens[i] the positions it attends to. window > 0 keeps the last window positions (HF's sliding
  * window: key index > query index - window). Softmax is two-pass per head (max, then
- * exp-sum), as exact as SDPA's. Returns 0, or -1 when the score buffer cannot be allocated.
+ * exp-sum), with a vectorised exp within 2 ulp of libm's. Returns 0, or -1 when the score buffer
+ * cannot be allocated.
  */
 #include <math.h>
 #include <stdint.h>
@@ -72,6 +73,24 @@ INLINE void weighted(const float *restrict w, const float *restrict v, int64_t l
     }
 }
 
+/* e^x for x <= 0 (a score minus its row's max), vectorisable where libm's expf is a call per
+ * element: Cephes' expf (degree-6 polynomial on x - n ln2, times 2^n), within 2 ulp; NaN stays
+ * NaN, and below -87.3 (under float's normal range) it clamps to ~1e-38 instead of 0. */
+INLINE float exp_nonpos(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return y * scale.f;
+}
+
 CLONES
 int paged_decode_f32(int64_t n, const float *q, float *out, const float *kv, int64_t page_stride,
                      int64_t block_size, int64_t kv_heads, int64_t heads, int64_t head_dim,
@@ -103,7 +122,8 @@ int paged_decode_f32(int64_t n, const float *q, float *out, const float *kv, int
             for (int64_t h = 0; h < group; h++) {
                 float *s = buf + h * max_ctx, m = -INFINITY, sum = 0.f;
                 for (int64_t p = lo; p < ctx; p++) m = s[p] > m ? s[p] : m;
-                for (int64_t p = lo; p < ctx; p++) sum += (s[p] = expf(s[p] - m));
+#pragma omp simd reduction(+ : sum)
+                for (int64_t p = lo; p < ctx; p++) sum += (s[p] = exp_nonpos(s[p] - m));
                 const float inv = 1.f / sum;
                 for (int64_t p = lo; p < ctx; p++) s[p] *= inv;
                 float *o = og + h * head_dim;
