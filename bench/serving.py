@@ -269,6 +269,7 @@ def run_engine(engine: Engine, trace: list[Request], n: int, slo_s: float | None
         "forward_s": round(acc["forward"], 4),
         "projection_gflop": round(flops / 1e9, 3),
         "weight_and_adapter_gb_read": round(weight_bytes / 1e9, 3),
+        "adapter_gb_read": round(acc["active_adapter_bytes"] / 1e9, 3),
         "adapter_loads": engine.cache.loads - loads0,
         "adapter_evictions": engine.cache.evictions - evictions0,
         "preemptions": engine.scheduler.preemptions,
@@ -426,6 +427,44 @@ def physical_limits(side: dict, machine: dict) -> dict:
             "read_gb_per_s": round(side["weight_and_adapter_gb_read"] / fwd, 1),
             "read_share_of_bandwidth": round(read / fwd, 3),
             "compute_plus_read_share_of_forward": round((compute + read) / fwd, 3)}
+
+
+def ceilings(results: dict, machine: dict) -> dict:
+    """The most the headline ratios could be on this machine, from each side's own work.
+
+    An engine side cannot finish before its projection FLOPs at peak GEMM rate plus its adapter
+    rows at full read bandwidth, one after the other: on one thread nothing overlaps the GEMMs
+    (oneDNN's) with the LoRA kernel's reads, and a decode step reads every active adapter once.
+    Attention, norms, sampling and scheduling count as free, and the peak is measured with the
+    weight in cache at 256 rows, so these are generous bounds, not estimates.
+
+    ``n1000_vs_n1`` keeps n = 1 as fast as it ran and adds only the extra adapter bytes that
+    n = 1000 must read (same tokens, same base work): where that bound is under the target, no
+    LoRA kernel alone reaches it on this machine.
+    """
+    peak, bw = machine["peak_gemm_gflop_per_s"], machine["read_gb_per_s"]
+
+    def floor_s(side: dict) -> float:
+        return side["projection_gflop"] / peak + side["adapter_gb_read"] / bw
+
+    sat = {n: results.get(f"saturated/engine_n{n}") for n in (1, 100, 1000)}
+    out: dict[str, float] = {}
+    for n, side in sat.items():
+        if side is not None:
+            best = side["requests"] / floor_s(side)
+            out[f"engine_n{n}_req_per_s"] = round(best, 2)
+            out[f"engine_n{n}_share_of_ceiling"] = round(side["req_per_s"] / best, 3)
+    if sat[100] is not None:
+        for mode in ("mixed", "swap"):
+            peft = results.get(f"saturated/peft_{mode}")
+            if peft is not None:
+                out[f"engine_vs_peft_{mode}"] = round(out["engine_n100_req_per_s"]
+                                                      / peft["req_per_s"], 3)
+    if sat[1] is not None and sat[1000] is not None:
+        n1_s = sat[1]["makespan_s"]
+        extra = max(0.0, sat[1000]["adapter_gb_read"] - sat[1]["adapter_gb_read"]) / bw
+        out["n1000_vs_n1"] = round(n1_s / (n1_s + extra), 3)
+    return out
 
 
 def peft_reference(model, trace: list[Request], indices: list[int], device: str
@@ -626,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = machine
     results["physical_limits"] = {key: physical_limits(side, machine)
                                   for key, side in results.items() if "forward_s" in side}
+    results["ceilings"] = ceilings(results, machine)
     results["process_peak_rss_mib"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["total_wall_s"] = round(time.monotonic() - t_start, 2)
