@@ -18,6 +18,11 @@ Gamma (cv = 1, i.e. Poisson) arrivals at --rate (default: half the saturated thr
 engine_n100), for first-token latency and SLO attainment. Both are open-loop replays: a side
 sees a request only once its arrival time has passed.
 
+results also holds "physical_limits" (how much of each side's forward the machine's peak GEMM
+rate and read bandwidth explain) and "ceilings" (the most each headline ratio could be on this
+machine, from each side's own FLOPs and adapter bytes: a target above its ceiling needs more
+than a faster kernel).
+
     python bench/serving.py --quick                 # under a minute on 2 CPU cores
     python bench/serving.py                         # ~30M-parameter model, ranks {64,32,16,8}
     python bench/serving.py --device cuda
