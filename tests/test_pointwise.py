@@ -63,3 +63,4 @@ def test_only_float32_cpu_tensors_outside_autograd() -> None:
     assert not kernels.pointwise_usable(needs_grad)
     with torch.no_grad():
         assert kernels.pointwise_usable(needs_grad)
+    assert kernels.pointwise_lib_for(torch.randn(2, 4, dtype=torch.bfloat16)) is None

@@ -66,10 +66,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2 and kernels.pointwise_usable(x, self.weight):
-            lib = kernels.pointwise_lib()
-            if lib is not None:
-                return kernels.rmsnorm(lib, x, self.weight, self.eps)
+        lib = kernels.pointwise_lib_for(x, self.weight) if x.dim() == 2 else None
+        if lib is not None:
+            return kernels.rmsnorm(lib, x, self.weight, self.eps)
         # HF's order of casts, so bf16 results match it bit for bit.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

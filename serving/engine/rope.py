@@ -87,9 +87,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [T, heads, head_dim] by the per-token cos/sin [T, head_dim] (HF's half layout).
     On the CPU in float32, one native pass (kernels/pointwise.c) instead of six torch ops."""
-    if x.dim() == 3 and kernels.pointwise_usable(x, cos, sin):
-        lib = kernels.pointwise_lib()
-        if lib is not None:
-            return kernels.rope(lib, x, cos, sin)
+    lib = kernels.pointwise_lib_for(x, cos, sin) if x.dim() == 3 else None
+    if lib is not None:
+        return kernels.rope(lib, x, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + _rotate_half(x) * sin

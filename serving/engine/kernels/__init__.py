@@ -42,7 +42,7 @@ from torch import Tensor
 __all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "POINTWISE", "KernelBuildError", "KernelSpec",
            "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available",
            "cpu_float32_inference", "env_flag", "paged_decode", "paged_decode_lib",
-           "pointwise_lib", "pointwise_usable", "rmsnorm", "rope"]
+           "pointwise_lib", "pointwise_lib_for", "pointwise_usable", "rmsnorm", "rope"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,12 @@ def pointwise_usable(*tensors: Tensor) -> bool:
     """Whether the pointwise kernels take these tensors: float32 on the CPU, unit stride along
     the last dimension, and no autograd to feed."""
     return all(t.stride(-1) == 1 for t in tensors) and cpu_float32_inference(*tensors)
+
+
+def pointwise_lib_for(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The RMSNorm/RoPE library where it serves these tensors (``pointwise_usable``), else None
+    (the torch ops)."""
+    return pointwise_lib() if pointwise_usable(*tensors) else None
 
 
 def rmsnorm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> Tensor:
