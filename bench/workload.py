@@ -74,11 +74,15 @@ class AdapterBank:
     Scale: every element ~ N(0, s_r^2) with s_r^2 = delta_ratio * init_range / sqrt(r), so that
     a module's LoRA delta B A x is about ``delta_ratio`` times its base output W x (the sqrt(d_in)
     factors cancel): adapters visibly change greedy outputs while activations stay finite.
+
+    ``dtype`` is the weights' (the serving dtype: an engine stores what it loads in its own);
+    the same seed draws the same values, rounded.
     """
 
     def __init__(self, n: int, ranks: tuple[int, ...], shape: ModelShape, init_range: float,
-                 seed: int, delta_ratio: float = 0.3, stride: int = 7919) -> None:
-        self.n, self.ranks, self.shape = n, ranks, shape
+                 seed: int, delta_ratio: float = 0.3, stride: int = 7919,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.n, self.ranks, self.shape, self.dtype = n, ranks, shape, dtype
         self.delta_ratio = delta_ratio
         g = torch.Generator().manual_seed(seed)
         self._layouts = {}
@@ -94,7 +98,8 @@ class AdapterBank:
             numel = template.flat.numel()
             scale = math.sqrt(delta_ratio * init_range / math.sqrt(r))
             self._layouts[r] = (template.layout, numel)
-            self._buffers[r] = torch.randn(numel + stride * max(count - 1, 0), generator=g) * scale
+            self._buffers[r] = (torch.randn(numel + stride * max(count - 1, 0), generator=g)
+                                * scale).to(dtype)
         self.stride = stride
 
     def rank(self, i: int) -> int:
@@ -121,7 +126,7 @@ class AdapterBank:
         return {key: unpack(flat, s)[:2] for key, s in layout.items()}
 
     def host_bytes(self, i: int) -> int:
-        return self._layouts[self.rank(i)][1] * 4
+        return self._layouts[self.rank(i)][1] * self.dtype.itemsize
 
     @property
     def unique_host_bytes(self) -> int:
@@ -155,8 +160,8 @@ def add_peft_adapters(model: PreTrainedModel, bank: AdapterBank, count: int):
     if len(layers) != len(TARGET_MODULES) * bank.shape.num_layers:
         raise RuntimeError(f"PEFT wrapped {len(layers)} modules, expected every target module")
     # update_layer ends by re-activating and moving every adapter of the layer, which makes
-    # adding n adapters O(n^2); both are no-ops here (CPU model, fp32, a0 active) and are
-    # done once for the whole model below.
+    # adding n adapters O(n^2); here a0 stays active, and the caller's .to() moves and casts
+    # the whole model once.
     skipped = ("set_adapter", "_move_adapter_to_device_of_base_layer")
     for _, module in layers:
         for attr in skipped:

@@ -147,11 +147,15 @@ def test_matches_hf(tiny_checkpoint: Path, chunk: int | None, decode_path: list[
     assert decode_path or kernels.paged_decode_lib() is None  # the kernel ran where it was on
 
 
-def test_bf16_matches_hf_bf16(tiny_mistral: Path) -> None:
-    # Same casts as HF, so only bf16 rounding of differently ordered sums differs.
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "plain-weights"])
+def test_bf16_matches_hf_bf16(tiny_mistral: Path, decode_path: list[int], packed: bool) -> None:
+    # Same casts as HF, so only bf16 rounding of differently ordered sums differs. On the CPU
+    # the attention, RMSNorm and RoPE kernels and the packed weights take bf16 too.
     model = LlamaForServing.from_checkpoint(tiny_mistral, dtype=torch.bfloat16)
+    assert (model.pack_weights(packed) > 0) == packed
     seqs = _serve(model, _prompts(model.shape.vocab_size), chunk=5)
     _check_against_hf(tiny_mistral, seqs, dtype=torch.bfloat16, atol=5e-2)
+    assert decode_path or kernels.paged_decode_lib() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,6 +95,33 @@ def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
     _check(ctx, adapters, slots)
 
 
+@pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 1])
+def test_bfloat16_batch_matches_reference(lib, monkeypatch, gemm_macs):
+    """Adapters resident in bfloat16 (a bf16 engine's pool): the kernel reads them in place and
+    sums in float32, so each output is the exact delta rounded once; GEMM-pair runs (bf16 torch
+    GEMMs, h rounded too) stay within bf16's own error."""
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", gemm_macs)
+    adapters = _mix()
+    flats = [a.flat.bfloat16() for a in adapters]
+    slots = [3] * 20 + [-1] * 3 + [0, 1, 2, 4, -1, 2, 0, 4, 3, 1]
+    ctx = PoolLoraContext(lib, slots, [adapter_rows(a, f, KEYS) for a, f in
+                                       zip(adapters, flats, strict=True)], KEYS, COST_DIM)
+    assert (gemm_macs == 1) == bool(ctx.runs)
+    rounded = [replace(a, flat=f.float()) for a, f in zip(adapters, flats, strict=True)]
+    g = torch.Generator().manual_seed(3)
+    for key in KEYS:
+        d_in, d_out = DIMS[key[1]]
+        x = torch.randn(len(slots), d_in, generator=g).bfloat16()
+        y0 = torch.randn(len(slots), d_out, generator=g).bfloat16()
+        y = ctx.apply(*key, x, y0.clone())
+        assert y.dtype == torch.bfloat16
+        want = y0.double() + _reference(rounded, slots, key, x.float())
+        if gemm_macs == 1:
+            torch.testing.assert_close(y.double(), want, atol=3e-2, rtol=2e-2)
+        else:  # one rounding of the exact sum: within half a bf16 ulp, plus float32's error
+            torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=2**-8 + 1e-5)
+
+
 def test_rank_past_one_kernel_chunk_and_strided_inputs(lib):
     """Ranks above the kernel's 256-row chunk are done in passes; x with a row stride above
     its width is read in place, and a non-unit feature stride is made contiguous first."""
@@ -123,8 +151,11 @@ def test_edge_cases_and_bad_slots(lib):
         PoolLoraContext(lib, [1], rows, KEYS, COST_DIM)
     with pytest.raises(ValueError, match="do not match"):
         kernels.bgmv(lib, torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="flat float32"):
+    with pytest.raises(ValueError, match="flat float32 or bfloat16"):
         adapter_rows(a, a.flat.double(), KEYS)
+    with pytest.raises(ValueError, match="x is torch.float32 but y is torch.bfloat16"):
+        kernels.bgmv(lib, torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4),
+                     torch.zeros(4, 2, dtype=torch.long))
 
 
 def test_reads_adapters_in_place_from_consecutive_pool_pages(lib):
@@ -160,11 +191,11 @@ def test_reads_adapters_in_place_from_consecutive_pool_pages(lib):
 
 # -- the kernel library: build, cache, fallbacks ----------------------------------------------
 def test_native_is_not_taken_where_it_cannot_serve(lib):
-    """bf16, float64, non-unit feature strides and tensors autograd must see keep the torch
-    paths."""
+    """float64, mixed dtypes, non-unit feature strides and tensors autograd must see keep the
+    torch paths."""
     x = torch.randn(3, 4)
-    assert kernels.bgmv_usable(x, x)
-    assert not kernels.bgmv_usable(x.bfloat16()) and not kernels.bgmv_usable(x.double())
+    assert kernels.bgmv_usable(x, x) and kernels.bgmv_usable(x.bfloat16(), x.bfloat16())
+    assert not kernels.bgmv_usable(x.double()) and not kernels.bgmv_usable(x, x.bfloat16())
     assert not kernels.bgmv_usable(x.T)
     w = torch.randn(3, 4, requires_grad=True)
     assert not kernels.bgmv_usable(x, w)

@@ -36,6 +36,19 @@ def test_matches_f_linear(rows: int, bias: bool) -> None:
     torch.testing.assert_close(packed.linear(x, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 32, 300])
+def test_bfloat16_matches_f_linear(rows: int) -> None:
+    """A bf16 engine's weights pack too (oneDNN's bf16 matmul, which F.linear also runs); an
+    input of another dtype than the weight's takes F.linear."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 80, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(rows, 80, generator=g).bfloat16()
+    packed = pack_weight(w)
+    assert packed is not None and packed.usable(x) and not packed.usable(x.float())
+    torch.testing.assert_close(packed.linear(x, b), F.linear(x, w, b))
+
+
 def test_a_rewritten_or_moved_weight_is_packed_again() -> None:
     lin = AdapterLinear(0, "q_proj", 16, 8, True, torch.float32, "cpu")
     with torch.no_grad():
@@ -65,8 +78,8 @@ def test_autograd_inputs_take_f_linear() -> None:
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 16))
 
 
-def test_not_packed_off_cpu_float32_or_when_turned_off(monkeypatch) -> None:
-    assert pack_weight(torch.randn(8, 8, dtype=torch.bfloat16)) is None
+def test_not_packed_off_cpu_float32_bfloat16_or_when_turned_off(monkeypatch) -> None:
+    assert pack_weight(torch.randn(8, 8, dtype=torch.float64)) is None
     assert pack_weight(torch.randn(8)) is None
     monkeypatch.setenv("ADAPTERHUB_PACKED_WEIGHTS", "0")
     assert pack_weight(torch.randn(8, 8)) is None

@@ -104,6 +104,22 @@ def test_a_mixed_step_in_one_call_matches_the_torch_paths(lib, monkeypatch, wind
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_bfloat16_is_the_float32_result_rounded_once(lib, monkeypatch, window):
+    """A bf16 pool (a bf16 engine's): the kernel widens q and K/V and computes in float32, so
+    its output is the float32 kernel's on the same (bf16-exact) values, rounded once; the
+    torch path's bf16 SDPA is within bf16's error of it."""
+    q, layer, meta = _case(30, 8, 2, 16, max_ctx=29, seed=11)
+    q16, layer16 = q.bfloat16(), layer.bfloat16()
+    ours = _native(lib, q16, layer16, meta, window)
+    assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    exact = _native(lib, q16.float(), layer16.float(), meta, window)
+    torch.testing.assert_close(ours, exact.bfloat16(), atol=0, rtol=2**-8)
+    torch.testing.assert_close(ours.float(), _torch_decode(q16, layer16, meta, window,
+                                                           monkeypatch).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
 def test_reads_nothing_past_a_context(lib, monkeypatch):
     clean = _case(30, 8, 2, 16, max_ctx=21, seed=5)
     q, layer, meta = _case(30, 8, 2, 16, max_ctx=21, seed=5, poison_tail=True)
@@ -150,16 +166,20 @@ def test_tables_that_would_read_astray_are_refused(lib):
         kernels.paged_decode(lib, q[:2], layer, tables, ctx, 0.3, None)
     with pytest.raises(ValueError, match="int64"):
         kernels.paged_decode(lib, q, layer, tables.int(), ctx, 0.3, None)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         kernels.paged_decode(lib, q.double(), layer.double(), tables, ctx, 0.3, None)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.paged_decode(lib, q.bfloat16(), layer, tables, ctx, 0.3, None)
     assert kernels.paged_decode(lib, q[:0], layer, tables[:0], ctx[:0], 0.3, None).shape[0] == 0
 
 
 def test_torch_path_where_the_kernel_cannot_serve(lib, monkeypatch):
-    """bf16, a pool of another dtype, autograd, or the kernels switched off: torch SDPA."""
+    """float64, a pool of another dtype, autograd, or the kernels switched off: torch SDPA."""
     q, layer, _ = _case(2, 4, 2, 8, max_ctx=5, seed=4)
     assert attention._native_attention_lib(q, layer) is lib
-    assert attention._native_attention_lib(q.bfloat16(), layer.bfloat16()) is None
+    assert attention._native_attention_lib(q.bfloat16(), layer.bfloat16()) is lib
+    assert attention._native_attention_lib(q.double(), layer.double()) is None
+    assert attention._native_attention_lib(q.bfloat16(), layer) is None
     assert attention._native_attention_lib(q, layer.double()) is None
     assert attention._native_attention_lib(q.requires_grad_(), layer) is None
     monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "0")

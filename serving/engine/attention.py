@@ -1,7 +1,8 @@
 """Paged attention over a flattened batch: chunked prefill sequences first, then decode tokens.
 
 Plain PyTorch (gather pages, then ``scaled_dot_product_attention``) on every device and dtype.
-On the CPU in float32, every token instead goes to the native kernel (kernels/paged_decode.c)
+On the CPU in float32 or bfloat16, every token instead goes to the native kernel
+(kernels/paged_decode.c)
 in one call per layer, as a query attending to its sequence's context up to its own position,
 read where it lies in the pool. Torch's decode path copied every sequence's pages, padded to
 the longest, per layer and step (about half of decode attention's time on CPU); its prefill
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from serving.engine import kernels
-from serving.engine.kernels import cpu_float32_inference
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _decode(
 
 def _native_attention_lib(q: Tensor, kv_layer: Tensor) -> CDLL | None:
     """The attention kernel's library where it serves these tensors, else None (torch path)."""
-    if not cpu_float32_inference(q, kv_layer):
+    if not kernels.cpu_inference(q, kv_layer):
         return None
     return kernels.paged_decode_lib()
 

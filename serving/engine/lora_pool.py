@@ -1,4 +1,5 @@
-"""LoRA read in place from the unified pool's pages (CPU, float32, the native BGMV kernel).
+"""LoRA read in place from the unified pool's pages (CPU, float32 or bfloat16, the native BGMV
+kernel).
 
 S-LoRA's unified paging serves adapters from the pages they are resident in; the slot buffers
 (lora_slots.py) instead copy each adapter joining a batch into per-module rank bins, which on
@@ -35,7 +36,6 @@ RUN_GEMM_MACS = 1_000_000
 # An adapter owning at least this share of a step's (non-consecutive) tokens multiplies them
 # all and zeroes the others' rows: two GEMMs with no gather or scatter, waste under a third.
 DENSE_SHARE = 0.75
-_F32 = 4  # bytes
 
 
 @dataclass
@@ -56,19 +56,20 @@ class AdapterRows:
 
 def adapter_rows(adapter: HostAdapter, flat: Tensor, keys: Sequence[ModuleKey],
                  copied: bool = False) -> AdapterRows:
-    if flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous() \
-            or flat.numel() < adapter.flat.numel():
-        raise ValueError("adapter rows need its flat float32 weights, contiguous on the CPU")
-    base = flat.data_ptr()
+    if flat.dtype not in kernels.NATIVE_DTYPES or flat.device.type != "cpu" \
+            or not flat.is_contiguous() or flat.numel() < adapter.flat.numel():
+        raise ValueError("adapter rows need its flat float32 or bfloat16 weights, contiguous on "
+                         "the CPU")
+    base, size = flat.data_ptr(), flat.element_size()
     rows = []
     for key in keys:
         s = adapter.layout.get(key)
         if s is None or s.rank == 0:
             rows.append((0, 0, 0, 0))
             continue
-        a = base + s.offset * _F32
-        b = a + s.rank * s.d_in * _F32
-        rows.append((a, b, b + s.rank * s.d_out * _F32 if s.has_bias else 0, s.rank))
+        a = base + s.offset * size
+        b = a + s.rank * s.d_in * size
+        rows.append((a, b, b + s.rank * s.d_out * size if s.has_bias else 0, s.rank))
     table = torch.tensor(rows, dtype=torch.int64).view(len(keys), 4)
     return AdapterRows(adapter, flat, table, copied, base)
 

@@ -210,7 +210,7 @@ class LlamaForServing(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits [N, vocab] for hidden states [N, hidden] (e.g. each sequence's last)."""
         if self.head_packed is not None and self.head_packed.usable(hidden):
-            return self.head_packed.linear(hidden)
+            return self.head_packed.linear(hidden).float()
         return F.linear(hidden, self._head().weight).float()
 
 

@@ -1,9 +1,10 @@
 """The model runner: turns a scheduled batch into tensors, runs the model, samples.
 
 Per step it builds the attention metadata (slots, block tables) and the LoRA context. On CPU in
-float32, where the native kernel builds, adapters are read in place from their pool pages
-(lora_pool.py); elsewhere their weights are copied from the pool into persistent slot buffers
-(lora_slots.py) once, when an adapter first needs a slot, for the torch operator (lora_op.py).
+float32 or bfloat16, where the native kernel builds, adapters are read in place from their pool
+pages (lora_pool.py); elsewhere their weights are copied from the pool into persistent slot
+buffers (lora_slots.py) once, when an adapter first needs a slot, for the torch operator
+(lora_op.py).
 """
 
 from __future__ import annotations

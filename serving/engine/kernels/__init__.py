@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["BGMV", "KERNELS", "PAGED_DECODE", "POINTWISE", "KernelBuildError", "KernelSpec",
-           "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable", "compiler_available",
-           "cpu_float32_inference", "env_flag", "paged_decode", "paged_decode_lib",
+__all__ = ["BGMV", "KERNELS", "NATIVE_DTYPES", "PAGED_DECODE", "POINTWISE",
+           "KernelBuildError", "KernelSpec", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable",
+           "compiler_available", "cpu_inference", "env_flag", "paged_decode", "paged_decode_lib",
            "pointwise_lib", "pointwise_lib_for", "pointwise_usable", "rmsnorm", "rope"]
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,23 @@ class KernelSpec:
 
 
 _HERE = Path(__file__).parent
-BGMV = KernelSpec(_HERE / "bgmv.c", 2,
-                  {"bgmv_f32": (None, [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr])},
+_BGMV_ARGS = [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr]
+BGMV = KernelSpec(_HERE / "bgmv.c", 3,
+                  {"bgmv_f32": (None, _BGMV_ARGS), "bgmv_bf16": (ctypes.c_int, _BGMV_ARGS)},
                   "LoRA kernel unavailable, using the torch operator")
+_PAGED_DECODE_ARGS = [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64,
+                      _ptr, _f32]
 PAGED_DECODE = KernelSpec(
-    _HERE / "paged_decode.c", 1,
-    {"paged_decode_f32": (ctypes.c_int, [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
-                                         _i64, _ptr, _i64, _ptr, _f32])},
+    _HERE / "paged_decode.c", 2,
+    {"paged_decode_f32": (ctypes.c_int, _PAGED_DECODE_ARGS),
+     "paged_decode_bf16": (ctypes.c_int, _PAGED_DECODE_ARGS)},
     "paged attention kernel unavailable, using torch attention")
+_RMSNORM_ARGS = [_i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32]
+_ROPE_ARGS = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
 POINTWISE = KernelSpec(
-    _HERE / "pointwise.c", 1,
-    {"rmsnorm_f32": (None, [_i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32]),
-     "rope_f32": (None, [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr])},
+    _HERE / "pointwise.c", 2,
+    {"rmsnorm_f32": (None, _RMSNORM_ARGS), "rope_f32": (None, _ROPE_ARGS),
+     "rmsnorm_bf16": (None, _RMSNORM_ARGS), "rope_bf16": (None, _ROPE_ARGS)},
     "RMSNorm/RoPE kernel unavailable, using torch ops")
 KERNELS = (BGMV, PAGED_DECODE, POINTWISE)
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
@@ -232,10 +237,18 @@ def enabled() -> bool:
     return env_flag("ADAPTERHUB_NATIVE_KERNELS")
 
 
-def cpu_float32_inference(*tensors: Tensor) -> bool:
-    """Every tensor float32 on the CPU, and none feeding autograd (the kernels record no
-    graph): what each native path and the packed weights require."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+# The dtypes every native kernel and the packed weights take: float32, and bfloat16 (the serving
+# dtype; computed in float32, stored and read at half the bytes).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def cpu_inference(*tensors: Tensor) -> bool:
+    """Every tensor on the CPU in one of ``NATIVE_DTYPES`` (all the same), and none feeding
+    autograd (the kernels record no graph): what each native path and the packed weights
+    require."""
+    if not tensors or tensors[0].dtype not in NATIVE_DTYPES:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -256,9 +269,9 @@ def pointwise_lib() -> ctypes.CDLL | None:
 
 
 def pointwise_usable(*tensors: Tensor) -> bool:
-    """Whether the pointwise kernels take these tensors: float32 on the CPU, unit stride along
-    the last dimension, and no autograd to feed."""
-    return all(t.stride(-1) == 1 for t in tensors) and cpu_float32_inference(*tensors)
+    """Whether the pointwise kernels take these tensors: all float32 or all bfloat16 on the CPU,
+    unit stride along the last dimension, and no autograd to feed."""
+    return all(t.stride(-1) == 1 for t in tensors) and cpu_inference(*tensors)
 
 
 def pointwise_lib_for(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -269,14 +282,16 @@ def pointwise_lib_for(*tensors: Tensor) -> ctypes.CDLL | None:
 
 def rmsnorm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [rows, dim] (rows may be
-    strided), as HF's LlamaRMSNorm in float32. Tensors must pass ``pointwise_usable``."""
+    strided), as HF's LlamaRMSNorm (in bf16 with its casts). Tensors must pass
+    ``pointwise_usable``."""
     if x.dim() != 2 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
         raise ValueError(f"rmsnorm: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not "
                          "match")
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.shape[0]:
-        lib.rmsnorm_f32(x.shape[0], x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(),
-                        out.stride(0), x.shape[1], eps)
+        fn = lib.rmsnorm_bf16 if x.dtype == torch.bfloat16 else lib.rmsnorm_f32
+        fn(x.shape[0], x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(),
+           out.stride(0), x.shape[1], eps)
     return out
 
 
@@ -290,35 +305,43 @@ def rope(lib: ctypes.CDLL, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)
     if rows:
-        lib.rope_f32(rows, heads, head_dim, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
-                     sin.data_ptr())
+        fn = lib.rope_bf16 if x.dtype == torch.bfloat16 else lib.rope_f32
+        fn(rows, heads, head_dim, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr())
     return out
 
 
 def bgmv_usable(*tensors: Tensor) -> bool:
-    """Whether ``bgmv`` takes these tensors (x, y and the weights): float32 on the CPU, 2-D
-    with unit stride along features, and no autograd to feed (the kernel records no graph)."""
+    """Whether ``bgmv`` takes these tensors (x, y and the weights): all float32 or all bfloat16
+    on the CPU, 2-D with unit stride along features, and no autograd to feed (the kernel records
+    no graph)."""
     if any(t.dim() != 2 or t.stride(1) != 1 for t in tensors):
         return False
-    return cpu_float32_inference(*tensors) and bgmv_lib() is not None
+    return cpu_inference(*tensors) and bgmv_lib() is not None
 
 
 def bgmv(lib: ctypes.CDLL, y: Tensor, x: Tensor, where: Tensor) -> Tensor:
     """y[t] += B_t^T (A_t x[t]) + bias_t in place, for every token t with a rank.
 
     ``where`` is int64 [4, T]: per token the address of its adapter's A [r, d_in] and B^T
-    [r, d_out] (contiguous float32 rows), of its bias [d_out] (0: none), and r (0: no delta).
-    x [T, d_in] and y [T, d_out] must pass ``bgmv_usable``. The kernel dereferences the
-    addresses unchecked: they must point into live tensors the caller keeps alive.
+    [r, d_out] (contiguous rows of x's dtype), of its bias [d_out] (0: none), and r (0: no
+    delta). x [T, d_in] and y [T, d_out] must pass ``bgmv_usable``. The kernel dereferences the
+    addresses unchecked: they must point into live tensors of x's dtype the caller keeps alive.
     """
     T = x.shape[0]
     if y.shape[0] != T or where.shape != (4, T) or where.dtype != torch.int64 \
             or not where.is_contiguous():
         raise ValueError(f"bgmv: x {tuple(x.shape)}, y {tuple(y.shape)} and where "
                          f"{tuple(where.shape)} {where.dtype} do not match")
+    if x.dtype != y.dtype:
+        raise ValueError(f"bgmv: x is {x.dtype} but y is {y.dtype}")
     if T:
-        lib.bgmv_f32(T, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1],
-                     y.shape[1], where.data_ptr())
+        args = (T, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], y.shape[1],
+                where.data_ptr())
+        if x.dtype == torch.bfloat16:
+            if lib.bgmv_bf16(*args) != 0:
+                raise MemoryError("bgmv: no memory for the scratch rows")
+        else:
+            lib.bgmv_f32(*args)
     return y
 
 
@@ -327,7 +350,8 @@ def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, 
     """Attention of each query token to the first ``ctx_lens[i]`` positions of its sequence's
     cache, read in place.
 
-    q [n, heads, head_dim] (float32, CPU, contiguous); ``kv_layer`` one layer of the pool view,
+    q [n, heads, head_dim] (float32 or bfloat16, CPU, contiguous); ``kv_layer`` one layer of the
+    pool view in q's dtype,
     [pages, 2, block_size, kv_heads, head_dim] (each page's block contiguous); ``tables``
     int64 [n, blocks] the pages of each query's sequence; ``ctx_lens`` int64 [n] the positions
     it sees, its own included (a decode token: the whole context; a prefill token: its
@@ -345,10 +369,10 @@ def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, 
                          f"{tuple(tables.shape)} and ctx_lens {tuple(ctx_lens.shape)} do not match")
     if kv_layer[0].stride() != (block * kv_heads * hd, kv_heads * hd, hd, 1):
         raise ValueError("paged_decode: each page of kv_layer must be contiguous")
-    if not (q.dtype == kv_layer.dtype == torch.float32 and q.device.type == "cpu"
+    if not (q.dtype == kv_layer.dtype and q.dtype in NATIVE_DTYPES and q.device.type == "cpu"
             == kv_layer.device.type and tables.dtype == ctx_lens.dtype == torch.int64):
-        raise ValueError("paged_decode: q and kv_layer must be float32 on the CPU, tables and "
-                         "ctx_lens int64")
+        raise ValueError("paged_decode: q and kv_layer must be float32 or bfloat16 (the same) on "
+                         "the CPU, tables and ctx_lens int64")
     q = q.contiguous()
     tables, ctx_lens = tables.contiguous(), ctx_lens.contiguous()
     out = torch.empty_like(q)
@@ -360,9 +384,10 @@ def paged_decode(lib: ctypes.CDLL, q: Tensor, kv_layer: Tensor, tables: Tensor, 
     lo, hi = torch.aminmax(tables)
     if int(lo) < 0 or int(hi) >= pages:
         raise ValueError(f"paged_decode: page ids must lie in 0..{pages - 1}")
-    rc = lib.paged_decode_f32(n, q.data_ptr(), out.data_ptr(), kv_layer.data_ptr(),
-                              kv_layer.stride(0), block, kv_heads, heads, head_dim, window or 0,
-                              tables.data_ptr(), tables.stride(0), ctx_lens.data_ptr(), scale)
+    fn = lib.paged_decode_bf16 if q.dtype == torch.bfloat16 else lib.paged_decode_f32
+    rc = fn(n, q.data_ptr(), out.data_ptr(), kv_layer.data_ptr(), kv_layer.stride(0), block,
+            kv_heads, heads, head_dim, window or 0, tables.data_ptr(), tables.stride(0),
+            ctx_lens.data_ptr(), scale)
     if rc != 0:
         raise MemoryError("paged_decode: no memory for the score buffer")
     return out
