@@ -236,6 +236,22 @@ def test_library_of_another_abi_or_without_its_function_is_refused(tmp_path, spe
         assert kernels.NativeLib(tmp_path / "k", source=src, spec=spec).load() is None
 
 
+def test_a_changed_header_is_a_new_build(tmp_path):
+    """The kernels include elements.h: a library built before the header changed is stale."""
+    src = tmp_path / "src" / "bgmv.c"
+    src.parent.mkdir()
+    src.write_text('#include "elements.h"\nint bgmv_abi(void) { return ABI; }\n'
+                   'void bgmv_f32(void) {}\nint bgmv_bf16(void) { return 0; }\n')
+    header = src.parent / "elements.h"
+    header.write_text(f"#define ABI {kernels.BGMV.abi}\n")
+    first = kernels.NativeLib(tmp_path / "k", source=src)
+    built = first.build()
+    assert first.load() is not None
+    header.write_text("#define ABI 999\n")
+    second = kernels.NativeLib(tmp_path / "k", source=src)
+    assert second.build() != built and second.load() is None  # rebuilt, then refused
+
+
 def test_prebuilt_library_serves_where_no_compiler_is(tmp_path, monkeypatch):
     """A container image builds the kernel in its build stage and ships no compiler."""
     path = kernels.NativeLib(tmp_path / "k").build()

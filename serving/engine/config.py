@@ -20,6 +20,6 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     max_queue: int = 4096  # waiting requests beyond this are refused (overload)
     watermark_pages: int = 1
-    # CPU float32: a oneDNN-packed copy of each base projection weight (packed_linear.py),
-    # 1.1-1.7x faster GEMMs for the base weights' bytes again.
+    # CPU float32 or bfloat16: a oneDNN-packed copy of each base projection weight
+    # (packed_linear.py), 1.1-1.7x faster GEMMs for the base weights' bytes again.
     packed_weights: bool = True

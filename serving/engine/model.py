@@ -169,7 +169,8 @@ class LlamaForServing(nn.Module):
 
     def pack_weights(self, enabled: bool = True) -> int:
         """Give every projection and the LM head a oneDNN-packed copy of its weight (CPU
-        float32; see packed_linear.py), or drop the copies. Returns how many were packed."""
+        float32 or bfloat16; see packed_linear.py), or drop the copies. Returns how many were
+        packed."""
         linears = [m for m in self.modules() if isinstance(m, AdapterLinear)]
         for m in linears:
             m.packed = pack_weight(m.weight) if enabled else None

@@ -86,7 +86,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [T, heads, head_dim] by the per-token cos/sin [T, head_dim] (HF's half layout).
-    On the CPU in float32, one native pass (kernels/pointwise.c) instead of six torch ops."""
+    On the CPU in float32 or bfloat16, one native pass (kernels/pointwise.c) instead of six
+    torch ops."""
     lib = kernels.pointwise_lib_for(x, cos, sin) if x.dim() == 3 else None
     if lib is not None:
         return kernels.rope(lib, x, cos, sin)

@@ -9,9 +9,14 @@
   gathers every sequence's pages into a padded copy and masks it, per layer and step.
 - ``pointwise.c``: RMSNorm and RoPE, one pass each where torch makes five or six.
 
-Each is plain C with no torch headers, so it builds in under a second with the system compiler
-(a torch extension would take a minute), and one build serves every x86-64 CPU
-(target_clones). Each is its own library, so one that fails to build leaves the other.
+Each takes float32 or bfloat16 (``NATIVE_DTYPES``); in bf16 the sums run in float32 and each
+output is rounded once (RMSNorm and RoPE round where HF's bf16 ops do), so bf16 reads half the
+bytes at float32's accuracy of the sums.
+
+Each is plain C with no torch headers (only ``elements.h``, shared by all three), so it builds
+in under a second with the system compiler (a torch extension would take a minute), and one
+build serves every x86-64 CPU (target_clones). Each is its own library, so one that fails to
+build leaves the others.
 
 Where no compiler is found, the build fails, or ``ADAPTERHUB_NATIVE_KERNELS=0``, ``bgmv_lib()``
 and ``paged_decode_lib()`` return None once with a warning and the engine keeps its torch
@@ -139,7 +144,11 @@ class NativeLib:
         self._failed: str | None = None
 
     def _source_hash(self) -> str:
-        return hashlib.sha256(self.source.read_bytes()).hexdigest()[:12]
+        """Of the source and the headers beside it (elements.h), which it may include."""
+        digest = hashlib.sha256(self.source.read_bytes())
+        for header in sorted(self.source.parent.glob("*.h")):
+            digest.update(header.read_bytes())
+        return digest.hexdigest()[:12]
 
     def _keys(self, cmd: list[str]) -> list[tuple[tuple[str, ...], str]]:
         """(flags, cache key) of each build to try; the key covers source, compiler, flags and

@@ -14,36 +14,13 @@
  * Reading A row after row and updating y eight B rows at a time ran 1.1-1.9x faster than four
  * rows at a time on both sides, measured cold (adapter rows from DRAM, as an idle adapter's
  * are; 32 tokens of distinct adapters, ranks 8-64; 0.53 vs 0.73 ms at rank 32, 512 -> 1408).
- * target_clones picks the widest vector ISA the running CPU has, so one build is portable
- * across x86-64 machines.
  */
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(BGMV_NO_CLONES)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-
-/* Helpers are forced inline so that each is compiled per clone and per element type. */
-#define INLINE static inline __attribute__((always_inline))
+#include "elements.h"
 
 #define CHUNK 256 /* rank rows per pass: h stays on the stack for any rank */
-
-/* Element i of a row of float32 (bf16 = 0) or bfloat16 (bf16 = 1). Every caller is inlined
- * into one exported function with a constant bf16, so each loop compiles for one type. */
-INLINE float load(const void *p, int64_t i, int bf16) {
-    if (bf16) {
-        union { uint32_t u; float f; } c = {.u = (uint32_t)((const uint16_t *)p)[i] << 16};
-        return c.f;
-    }
-    return ((const float *)p)[i];
-}
-
-INLINE const void *row(const void *p, int64_t i, int bf16) {
-    return (const char *)p + i * (bf16 ? 2 : 4);
-}
 
 /* h[j] = A_j . x, row after row: one sequential stream through A, which the hardware prefetcher
  * follows best when A comes from DRAM (an idle adapter's rows usually do). */
@@ -83,13 +60,6 @@ INLINE void expand(const float *restrict h, const void *restrict b, int64_t d_ou
     }
 }
 
-/* Float32 to bfloat16, rounding to nearest even (the weights are checked finite, so no NaN
- * care is needed). */
-INLINE uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } c = {.f = f};
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
 /* xbuf/ybuf: d_in and d_out floats of scratch, used (bf16) to widen x[t] and accumulate y[t]. */
 INLINE void bgmv(int64_t num_tokens, const void *x, int64_t ldx, void *y, int64_t ldy,
                  int64_t d_in, int64_t d_out, const int64_t *where, float *restrict xbuf,
@@ -104,8 +74,7 @@ INLINE void bgmv(int64_t num_tokens, const void *x, int64_t ldx, void *y, int64_
         const void *bias = (const void *)(intptr_t)bias_at[t];
         float *xt = (float *)row(x, t * ldx, bf16), *yt = (float *)row(y, t * ldy, bf16);
         if (bf16) {
-            const uint16_t *xs = (const uint16_t *)xt;
-            for (int64_t i = 0; i < d_in; i++) xbuf[i] = load(xs, i, 1);
+            for (int64_t i = 0; i < d_in; i++) xbuf[i] = load(xt, i, 1);
             for (int64_t o = 0; o < d_out; o++) ybuf[o] = 0.f;
             xt = xbuf;
         }
@@ -120,8 +89,7 @@ INLINE void bgmv(int64_t num_tokens, const void *x, int64_t ldx, void *y, int64_
             for (int64_t o = 0; o < d_out; o++) acc[o] += load(bias, o, bf16);
         }
         if (bf16) {
-            uint16_t *ys = (uint16_t *)yt;
-            for (int64_t o = 0; o < d_out; o++) ys[o] = to_bf16(load(ys, o, 1) + ybuf[o]);
+            for (int64_t o = 0; o < d_out; o++) store(yt, o, load(yt, o, 1) + ybuf[o], 1);
         }
     }
 }
