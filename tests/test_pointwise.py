@@ -87,6 +87,13 @@ def test_shapes_that_would_be_misread_are_refused(lib) -> None:
         kernels.rope(lib, torch.randn(4, 2, 8), torch.randn(4, 6), torch.randn(4, 6))
     with pytest.raises(ValueError, match="do not match"):
         kernels.rope(lib, torch.randn(4, 2, 7), torch.randn(4, 7), torch.randn(4, 7))
+    bf = torch.bfloat16  # one dtype for all: the kernel reads each by x's
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.rmsnorm(lib, torch.randn(4, 8, dtype=bf), torch.randn(8), 1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.rope(lib, torch.randn(4, 2, 8, dtype=bf), torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.rmsnorm(lib, torch.randn(4, 8).double(), torch.randn(8).double(), 1e-6)
 
 
 def test_only_float32_or_bfloat16_cpu_tensors_outside_autograd() -> None:

@@ -293,9 +293,10 @@ def rmsnorm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [rows, dim] (rows may be
     strided), as HF's LlamaRMSNorm (in bf16 with its casts). Tensors must pass
     ``pointwise_usable``."""
-    if x.dim() != 2 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
-        raise ValueError(f"rmsnorm: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not "
-                         "match")
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or not weight.is_contiguous() \
+            or weight.dtype != x.dtype or x.dtype not in NATIVE_DTYPES:
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)} {x.dtype} and weight "
+                         f"{tuple(weight.shape)} {weight.dtype} do not match")
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.shape[0]:
         fn = lib.rmsnorm_bf16 if x.dtype == torch.bfloat16 else lib.rmsnorm_f32
@@ -308,7 +309,8 @@ def rope(lib: ctypes.CDLL, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's rotate-half RoPE of x [rows, heads, head_dim] by cos/sin [rows, head_dim]; a new
     tensor. Tensors must pass ``pointwise_usable``."""
     rows, heads, head_dim = x.shape
-    if cos.shape != (rows, head_dim) or sin.shape != cos.shape or head_dim % 2:
+    if cos.shape != (rows, head_dim) or sin.shape != cos.shape or head_dim % 2 \
+            or not x.dtype == cos.dtype == sin.dtype or x.dtype not in NATIVE_DTYPES:
         raise ValueError(f"rope: x {tuple(x.shape)}, cos {tuple(cos.shape)} and sin "
                          f"{tuple(sin.shape)} do not match")
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()

@@ -8,9 +8,9 @@
  * [r_t, d_out] (row-major, contiguous: the adapter store's flat layout, read in place from the
  * pool's pages), of its bias [d_out] (0: none) and r_t. x and y are row-major with leading
  * dimensions ldx and ldy. bgmv_f32 takes everything in float32; bgmv_bf16 takes x, y and the
- * weights in bfloat16 (half the bytes read, which is what decode's LoRA time is) and computes
- * in float32: x[t] is widened once, h and the delta stay float32, and y[t] is rounded once
- * (to nearest even), where torch's bf16 path rounds h, the delta and the sum.
+ * weights in bfloat16 (half the bytes to read, and reading is most of decode's LoRA time) and
+ * computes in float32: x[t] is widened once, h and the delta stay float32, and y[t] is rounded
+ * once (to nearest even), where torch's bf16 path rounds h, the delta and the sum.
  * Reading A row after row and updating y eight B rows at a time ran 1.1-1.9x faster than four
  * rows at a time on both sides, measured cold (adapter rows from DRAM, as an idle adapter's
  * are; 32 tokens of distinct adapters, ranks 8-64; 0.53 vs 0.73 ms at rank 32, 512 -> 1408).
