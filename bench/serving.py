@@ -38,7 +38,6 @@ outputs match a float32 run of the same weights (``float32_reference_match_share
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -191,7 +190,7 @@ def projection_params(engine: Engine) -> int:
 
 
 def make_engine(ckpt: Path, bank: AdapterBank, n: int, args, num_pages: int) -> Engine:
-    engine = Engine(EngineConfig(model=str(ckpt), device=args.device, dtype=DTYPES[args.dtype],
+    engine = Engine(EngineConfig(model=str(ckpt), device=args.device, dtype=bank.dtype,
                                  num_pages=num_pages, block_size=16,
                                  max_batched_tokens=args.max_batched_tokens,
                                  max_num_seqs=args.max_batch))
@@ -499,13 +498,17 @@ def match_share(a: list[Record], b: list[Record]) -> float:
     return round(sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) / len(a), 4)
 
 
+def checked_share(got: dict[int, list[int]], want: dict[int, list[int]],
+                  check: list[int]) -> float:
+    """Share of the checked requests whose greedy tokens agree."""
+    return round(sum(got[i] == want[i] for i in check) / len(check), 4)
+
+
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    # All cores by default; on a shared 2-core machine one descheduled OpenMP thread stalls
-    # the other at every barrier, so absolute times are noisy (ratios are in-run).
     # One thread by default: on the 2-vCPU machines this runs on, every side (engine and both
     # PEFT baselines) was faster single-threaded (quick mode: engine n1 134 vs 73 req/s, PEFT
     # mixed 29 vs 14), because each OpenMP region waits for a second vCPU that the host may
@@ -536,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     warnings.filterwarnings("ignore")
     preset = QUICK if args.quick else FULL
+    dtype = DTYPES[args.dtype]
     spec: ModelSpec = preset["model"]
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else preset["ranks"]
     repeats = args.repeats or preset["repeats"]
@@ -547,11 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_model = build_checkpoint(ckpt, spec, args.seed)
     hf_model.generation_config.eos_token_id = None  # generate to max_new_tokens, as ignore_eos
     hf_model.generation_config.pad_token_id = 0
-    hf_model.to(DTYPES[args.dtype])
+    hf_model.to(dtype)
     params = sum(p.numel() for p in hf_model.parameters())
     shape = ModelShape.from_hf_config(hf_model.config.to_dict())
     bank = AdapterBank(1000, ranks, shape, spec.initializer_range, args.seed + 1,
-                       dtype=DTYPES[args.dtype])
+                       dtype=dtype)
     log(f"model {params / 1e6:.1f}M params, adapters built ({time.monotonic() - t_start:.1f}s)")
 
     def trace(rate: float | None, alpha: float) -> list[Request]:
@@ -564,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     block = 16
     kv_pages = args.max_batch * -(-(preset["input_range"][1] + preset["output_range"][1]) // block)
     page_elems = spec.num_layers * 2 * block * shape.kv_dim
-    adapter_pages = -(-bank.host_bytes(0) // bank.dtype.itemsize // page_elems)
+    adapter_pages = -(-bank.host_bytes(0) // dtype.itemsize // page_elems)
     num_pages = kv_pages + args.max_batch * adapter_pages + 8
 
     results: dict[str, dict] = {}
@@ -603,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = batching_gain(hf_model, args.device)
     machine.update(machine_limits(spec.hidden_size, spec.intermediate_size, args.device,
-                                  DTYPES[args.dtype]))
+                                  dtype))
     log(f"machine {machine}")
-    peft_model = add_peft_adapters(hf_model, bank, N_PEFT).to(args.device, DTYPES[args.dtype])
+    peft_model = add_peft_adapters(hf_model, bank, N_PEFT).to(args.device, dtype)
     peft_bytes = sum(p.numel() * p.element_size() for p in peft_model.parameters())
     log(f"PEFT model with {N_PEFT} adapters ready ({time.monotonic() - t_start:.1f}s)")
 
@@ -625,24 +629,17 @@ def main(argv: list[str] | None = None) -> int:
     check = list(range(0, num_requests, step))[:CHECK_REQUESTS]
     ref = peft_reference(peft_model, sat, check, args.device)
     eng = records["saturated/engine_n100"]
-    ref_share = sum(eng[i].tokens == ref[i] for i in check) / len(check)
+    eng_tokens = {i: eng[i].tokens for i in check}
+    ref_share = checked_share(eng_tokens, ref, check)
     correctness = {
         "outputs_match_peft": ref_share == 1.0,
-        "match_share_vs_peft_unpadded": round(ref_share, 4),
+        "match_share_vs_peft_unpadded": ref_share,
         "checked_requests": len(check),
         "match_share_vs_peft_mixed_batch": match_share(eng, records["saturated/peft_mixed"]),
         "match_share_vs_peft_swap_batch": match_share(eng, records["saturated/peft_swap"]),
         "outputs_differ_n100_vs_n1": round(1 - match_share(eng,
                                                            records["saturated/engine_n1"]), 4),
     }
-    if DTYPES[args.dtype] != torch.float32:
-        # Rounding flips greedy picks of a random model, so two bf16 implementations need not
-        # agree; which one stays closer to float32 (the same rounded weights, computed in
-        # float32) is the measure of accuracy.
-        exact = peft_reference(copy.deepcopy(peft_model).float(), sat, check, args.device)
-        correctness["float32_reference_match_share"] = {
-            "engine_n100": round(sum(eng[i].tokens == exact[i] for i in check) / len(check), 4),
-            "peft_unpadded": round(sum(ref[i] == exact[i] for i in check) / len(check), 4)}
     log(f"correctness {correctness}")
 
     rate = args.rate
@@ -671,6 +668,16 @@ def main(argv: list[str] | None = None) -> int:
         keep(f"saturated_alpha{alpha}/engine_n100",
              [engine_run(100, tr, None) for _ in range(repeats)])
         peft_side(f"saturated_alpha{alpha}/peft_swap", "swap", tr, None)
+
+    if dtype != torch.float32:
+        # Rounding flips greedy picks of a random model, so two bf16 implementations need not
+        # agree; which one stays closer to float32 (the same rounded weights, computed in
+        # float32) is the measure of accuracy. Last, so PEFT is cast in place, not copied.
+        exact = peft_reference(peft_model.float(), sat, check, args.device)
+        correctness["float32_reference_match_share"] = {
+            "engine_n100": checked_share(eng_tokens, exact, check),
+            "peft_unpadded": checked_share(ref, exact, check)}
+        log(f"float32 reference {correctness['float32_reference_match_share']}")
 
     def ratio(num: str, den: str, key: str = "req_per_s") -> float | None:
         if num not in results or den not in results:
@@ -701,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["total_wall_s"] = round(time.monotonic() - t_start, 2)
 
-    itemsize = DTYPES[args.dtype].itemsize
+    itemsize = dtype.itemsize
     config = {
         "quick": args.quick, "device": args.device, "threads": torch.get_num_threads(),
         "seed": args.seed, "torch": torch.__version__, "dtype": args.dtype,
