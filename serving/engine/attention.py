@@ -2,13 +2,13 @@
 
 Plain PyTorch (gather pages, then ``scaled_dot_product_attention``) on every device and dtype.
 On the CPU in float32 or bfloat16, every token instead goes to the native kernel
-(kernels/paged_decode.c)
-in one call per layer, as a query attending to its sequence's context up to its own position,
-read where it lies in the pool. Torch's decode path copied every sequence's pages, padded to
-the longest, per layer and step (about half of decode attention's time on CPU); its prefill
-path is one SDPA call per sequence, which on CPU takes the unfused math path for grouped-query
-heads: the kernel was 1.3-2x faster from 16 to 1024 prompt tokens (one thread, 8 heads, 4 KV
-heads of 64). The layer's cache is ``kv[:, layer]`` of the pool view laid out in layout.py:
+(kernels/paged_decode.c) in one call per layer, as a query attending to its sequence's context
+up to its own position, read where it lies in the pool. Torch's decode path copied every
+sequence's pages, padded to the longest, per layer and step (about half of decode attention's
+time on CPU); its prefill path is one SDPA call per sequence, which on CPU takes the unfused
+math path for grouped-query heads: the kernel was 1.3-2x faster from 16 to 1024 prompt tokens
+(one thread, 8 heads, 4 KV heads of 64). The layer's cache is ``kv[:, layer]`` of the pool view
+laid out in layout.py:
 ``[num_pages, 2, block_size, num_kv_heads, head_dim]``.
 """
 

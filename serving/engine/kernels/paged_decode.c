@@ -9,10 +9,10 @@
  *
  * Layout: a page is [2][block_size][kv_heads][head_dim] (K then V), pages page_stride elements
  * apart (one layer's slice of the pool view). tables[i * table_stride + b] is row i's
- * sequence's b-th page, ctx_lens[i] the positions it attends to. window > 0 keeps the last window positions (HF's sliding
- * window: key index > query index - window). Softmax is two-pass per head (max, then
- * exp-sum), with a vectorised exp within 2 ulp of libm's. Returns 0, or -1 when the score buffer
- * cannot be allocated.
+ * sequence's b-th page, ctx_lens[i] the positions it attends to. window > 0 keeps the last
+ * window positions (HF's sliding window: key index > query index - window). Softmax is
+ * two-pass per head (max, then exp-sum), with a vectorised exp within 2 ulp of libm's. Returns
+ * 0, or -1 when the score buffer cannot be allocated.
  *
  * paged_decode_f32 takes q, out and the cache in float32; paged_decode_bf16 in bfloat16 (half
  * the bytes of K/V read), computing in float32: each query row is widened once, scores, softmax
@@ -123,7 +123,8 @@ INLINE int paged_decode(int64_t n, const void *q, void *out, const void *kv, int
             for (int64_t p = lo; p < ctx;) {
                 const int64_t b = p / block_size, off = p - b * block_size;
                 const int64_t e = (b + 1) * block_size < ctx ? (b + 1) * block_size : ctx;
-                const void *k = row(kv, table[b] * page_stride + off * row_len + g * head_dim, bf16);
+                const void *k = row(kv, table[b] * page_stride + off * row_len + g * head_dim,
+                                     bf16);
                 for (int64_t h = 0; h < group; h++)
                     scores(qg + h * head_dim, k, row_len, e - p, head_dim, scale,
                            buf + h * max_ctx + p, bf16);
