@@ -264,6 +264,9 @@ class _Recorder:
         self.calls: list[tuple[int, str, tuple, tuple]] = []
         self.delta = delta
 
+    def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
+        pass
+
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.calls.append((layer, module, tuple(x.shape), tuple(y.shape)))
         return y + self.delta if (layer, module) == (1, "down_proj") else y

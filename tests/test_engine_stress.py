@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 import torch
 
 from serving.engine.adapter_store import build_host_adapter
@@ -94,11 +95,13 @@ def test_cancel_from_another_thread_frees_pages(tiny_llama):
         loop.shutdown()
 
 
+@pytest.mark.parametrize("worker", [False, True], ids=["kernel", "worker"])
 def test_pool_reads_match_slot_buffers_through_eviction_and_fragmentation(tiny_mistral,
-                                                                          monkeypatch):
-    """Adapters read in place from the pool (the native kernel) give the tokens the torch
-    operator over slot buffers gives, while a small pool evicts adapters, preempts sequences
-    and fragments: some adapters then land on scattered pages and are read from a copy."""
+                                                                          monkeypatch, worker):
+    """Adapters read in place from the pool (the native kernel, on the engine's thread or the
+    LoRA worker's) give the tokens the torch operator over slot buffers gives, while a small
+    pool evicts adapters, preempts sequences and fragments: some adapters then land on
+    scattered pages and are read from a copy."""
     require_native()
     rng = random.Random(1)
     requests = [("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 14))),
@@ -108,6 +111,7 @@ def test_pool_reads_match_slot_buffers_through_eviction_and_fragmentation(tiny_m
     def run(native: bool) -> tuple[list[list[int]], Engine]:
         monkeypatch.setenv("ADAPTERHUB_NATIVE_KERNELS", "1" if native else "0")
         engine = _engine(tiny_mistral, num_pages=40)
+        engine.runner.lora_worker = worker and native
         assert (engine.runner.native is not None) == native
         ids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True), a)
                for p, a, n in requests]
@@ -125,6 +129,7 @@ def test_pool_reads_match_slot_buffers_through_eviction_and_fragmentation(tiny_m
     stats = pooled.stats()
     assert stats["lora_path"] == "pool pages, native kernel"
     assert 0 < stats["adapter_copies"] < stats["adapter_loads"]  # both ways of reading ran
+    assert (stats["lora_worker"] is not None) == worker
     assert pooled.pool.stats().kv_pages == 0
     pooled.release_idle_adapters()
     assert pooled.pool.stats().free_pages == 40

@@ -74,9 +74,10 @@ def _reference_logits(ckpt, root, adapter: str | None, ids: list[int],
         return model(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.fixture(params=["pool", "pool-gemm-runs", "slots"])
+@pytest.fixture(params=["pool", "pool-worker", "pool-gemm-runs", "slots"])
 def lora_path(request, monkeypatch):
     """pool: adapters read in place from their pool pages by the native kernel (CPU float32);
+    pool-worker: the same with the deltas computed on a worker thread during the base GEMMs;
     pool-gemm-runs: the same with every same-adapter token run sent to GEMM pairs; slots: the
     torch operator over slot buffers (where the kernel cannot run: no compiler, other dtypes,
     CUDA)."""
@@ -92,7 +93,8 @@ def lora_path(request, monkeypatch):
 def test_mixed_batch_matches_peft(setup, lora_path):
     ckpt, root, dirs = setup
     engine = Engine(EngineConfig(model=str(ckpt), num_pages=128, block_size=4,
-                                 max_batched_tokens=12, max_num_seqs=8))
+                                 max_batched_tokens=12, max_num_seqs=8,
+                                 lora_worker=lora_path == "pool-worker"))
     assert (engine.runner.native is not None) == (lora_path != "slots"), \
         "a C compiler is needed for the native kernel"
     for name, path in dirs.items():
@@ -104,6 +106,10 @@ def test_mixed_batch_matches_peft(setup, lora_path):
         assert engine.runner.slots.copies >= 1
     else:  # nothing copied: every adapter read from its (consecutive) pool pages
         assert engine.runner.slots.copies == 0 and engine.runner.adapter_copies == 0
+    work = engine.stats()["lora_worker"]
+    assert (work is not None) == (lora_path == "pool-worker")
+    if work is not None:  # the deltas went through the worker's jobs
+        assert work["worker_chunks"] + work["caller_chunks"] > 0
     assert engine.scheduler.preemptions == 0
     for (prompt, adapter), out in zip(PROMPTS, outs, strict=True):
         prompt_ids = [engine.tokenizer.bos_token_id,
@@ -130,7 +136,8 @@ def test_bfloat16_mixed_batch_is_as_accurate_as_peft_bfloat16(setup, lora_path):
     as much (RMS) as bf16 PEFT's own (measured: at most 1.43x)."""
     ckpt, root, dirs = setup
     engine = Engine(EngineConfig(model=str(ckpt), dtype=torch.bfloat16, num_pages=128,
-                                 block_size=4, max_batched_tokens=12, max_num_seqs=8))
+                                 block_size=4, max_batched_tokens=12, max_num_seqs=8,
+                                 lora_worker=lora_path == "pool-worker"))
     assert (engine.runner.native is not None) == (lora_path != "slots")
     for name, path in dirs.items():
         engine.register_adapter(name, path)

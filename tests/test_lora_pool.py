@@ -10,8 +10,9 @@ import torch
 
 from serving.engine import kernels, lora_pool
 from serving.engine.adapter_store import build_host_adapter, unpack
-from serving.engine.layout import TARGET_MODULES, ModelShape
+from serving.engine.layout import SHARED_INPUT, TARGET_MODULES, ModelShape
 from serving.engine.lora_pool import PoolLoraContext, adapter_rows
+from serving.engine.lora_worker import LoraWorker
 from serving.engine.pool import ADAPTER, KV, UnifiedPool
 from tests.native_support import native_lib, require_native
 
@@ -30,6 +31,48 @@ def native():
 @pytest.fixture(scope="module")
 def lib():
     return native_lib(kernels.bgmv_lib)  # module fixtures set up before autouse ones
+
+
+@pytest.fixture(params=["kernel", "worker"])
+def worker_for(request):
+    """kernel: the engine's thread runs the BGMV kernel after each base GEMM; worker: a worker
+    thread computes each group's deltas (lora_worker.py). Returns dtype -> worker or None."""
+    made: list[LoraWorker] = []
+
+    def make(dtype):
+        if request.param == "kernel":
+            return None
+        made.append(LoraWorker(native_lib(kernels.lora_worker_lib), dtype))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def _context(lib, slots, rows, worker=None):
+    return PoolLoraContext(lib, slots, rows, KEYS, COST_DIM, worker,
+                           [DIMS[m][1] for _, m in KEYS])
+
+
+def _inputs(n, dtype=torch.float32, seed=0):
+    """Per key, in call order: x (one per group of modules reading the same input, as in the
+    model) and y0."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in range(SHAPE.num_layers):
+        for group in SHARED_INPUT:
+            x = torch.randn(n, DIMS[group[0]][0], generator=g).to(dtype)
+            for m in group:
+                out.append(((layer, m), x, torch.randn(n, DIMS[m][1], generator=g).to(dtype)))
+    return out
+
+
+def _run(ctx, key, x, y0):
+    """What the model does around a target module's base GEMM."""
+    ctx.begin(*key, x)
+    y = ctx.apply(*key, x, y0.clone())
+    return y
 
 
 def _adapter(name, rank, seed, modules=TARGET_MODULES, bias=False, ranks=None):
@@ -57,12 +100,8 @@ def _reference(adapters, slots, key, x):
 
 
 def _check(ctx, adapters, slots, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for key in KEYS:
-        d_in, d_out = DIMS[key[1]]
-        x = torch.randn(len(slots), d_in, generator=g)
-        y0 = torch.randn(len(slots), d_out, generator=g)
-        y = ctx.apply(*key, x, y0.clone())
+    for key, x, y0 in _inputs(len(slots), seed=seed):
+        y = _run(ctx, key, x, y0)
         torch.testing.assert_close(y.double() - y0.double(), _reference(adapters, slots, key, x),
                                    atol=1e-5, rtol=1e-5)
 
@@ -74,7 +113,7 @@ def _mix():
 
 
 @pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 3_000, 1])
-def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
+def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs, worker_for):
     """Prefill chunks then decode tokens, bare tokens among them, adapters of different ranks,
     targets, rank patterns and biases; adapters with many tokens to GEMM pairs at three
     thresholds (none, some, all), on views where their tokens are consecutive (3 and 4: a
@@ -85,7 +124,7 @@ def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
     slots = [3] * 40 + [-1] * 5 + [4] * 9 + [2] * 12
     slots += [rng.choice([-1, 0, 1, 2]) for _ in range(30)] + [2]
     rows = [adapter_rows(a, a.flat, KEYS) for a in adapters]
-    ctx = PoolLoraContext(lib, slots, rows, KEYS, COST_DIM)
+    ctx = _context(lib, slots, rows, worker_for(torch.float32))
     if gemm_macs == 1:
         assert all(not bool(ctx.where[m, 3].any()) for m in range(len(KEYS)))
     if gemm_macs == 3_000:
@@ -93,10 +132,14 @@ def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs):
         spans = {j: type(span) for runs in ctx.runs.values() for span, j in runs}
         assert spans[3] is slice and spans[4] is slice and spans[2] is torch.Tensor
     _check(ctx, adapters, slots)
+    if ctx.worker is not None:
+        assert not ctx.worker.pending
+        stats = ctx.worker.stats()
+        assert (stats["worker_chunks"] + stats["caller_chunks"] > 0) == (gemm_macs != 1)
 
 
 @pytest.mark.parametrize("gemm_macs", [lora_pool.RUN_GEMM_MACS, 1])
-def test_bfloat16_batch_matches_reference(lib, monkeypatch, gemm_macs):
+def test_bfloat16_batch_matches_reference(lib, monkeypatch, gemm_macs, worker_for):
     """Adapters resident in bfloat16 (a bf16 engine's pool): the kernel reads them in place and
     sums in float32, so each output is the exact delta rounded once; GEMM-pair runs (bf16 torch
     GEMMs, h rounded too) stay within bf16's own error."""
@@ -104,16 +147,12 @@ def test_bfloat16_batch_matches_reference(lib, monkeypatch, gemm_macs):
     adapters = _mix()
     flats = [a.flat.bfloat16() for a in adapters]
     slots = [3] * 20 + [-1] * 3 + [0, 1, 2, 4, -1, 2, 0, 4, 3, 1]
-    ctx = PoolLoraContext(lib, slots, [adapter_rows(a, f, KEYS) for a, f in
-                                       zip(adapters, flats, strict=True)], KEYS, COST_DIM)
+    ctx = _context(lib, slots, [adapter_rows(a, f, KEYS) for a, f in
+                                zip(adapters, flats, strict=True)], worker_for(torch.bfloat16))
     assert (gemm_macs == 1) == bool(ctx.runs)
     rounded = [replace(a, flat=f.float()) for a, f in zip(adapters, flats, strict=True)]
-    g = torch.Generator().manual_seed(3)
-    for key in KEYS:
-        d_in, d_out = DIMS[key[1]]
-        x = torch.randn(len(slots), d_in, generator=g).bfloat16()
-        y0 = torch.randn(len(slots), d_out, generator=g).bfloat16()
-        y = ctx.apply(*key, x, y0.clone())
+    for key, x, y0 in _inputs(len(slots), torch.bfloat16, seed=3):
+        y = _run(ctx, key, x, y0)
         assert y.dtype == torch.bfloat16
         want = y0.double() + _reference(rounded, slots, key, x.float())
         if gemm_macs == 1:
@@ -298,3 +337,19 @@ def test_prebuild_command_reports_failures_in_one_line(tmp_path):
                              env={**os.environ, **env})
         assert bad.returncode == 1 and bad.stderr.startswith("error: "), bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_worker_refuses_a_group_member_reading_another_input(lib):
+    """q, k and v are one worker job on the premise that they project the same x: a k that
+    reads another tensor is a model the worker does not fit, and fails loudly."""
+    a = _adapter("r4", 4, 8)
+    worker = LoraWorker(native_lib(kernels.lora_worker_lib), torch.float32)
+    ctx = _context(lib, [0, 0, -1], [adapter_rows(a, a.flat, KEYS)], worker)
+    x = torch.randn(3, 32)
+    ctx.begin(0, "q_proj", x)
+    ctx.apply(0, "q_proj", x, torch.zeros(3, 32))
+    with pytest.raises(RuntimeError, match="does not read its group's input"):
+        ctx.begin(0, "k_proj", x.clone())
+    ctx.finish()
+    assert not worker.pending
+    worker.close()

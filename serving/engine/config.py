@@ -23,3 +23,6 @@ class EngineConfig:
     # CPU float32 or bfloat16: a oneDNN-packed copy of each base projection weight
     # (packed_linear.py), 1.1-1.7x faster GEMMs for the base weights' bytes again.
     packed_weights: bool = True
+    # CPU pool path: the LoRA deltas on a worker thread while the base GEMM runs
+    # (lora_worker.py). None: on where the process has a core beyond torch's intra-op threads.
+    lora_worker: bool | None = None

@@ -41,6 +41,7 @@ class Engine:
         self.runner = ModelRunner.from_checkpoint(config.model, config.dtype, config.device,
                                                   config.max_num_seqs)
         self.runner.model.pack_weights(config.packed_weights)
+        self.runner.lora_worker = config.lora_worker
         self.shape = self.runner.shape
         self.max_model_len = config.max_model_len or hf_config.get(
             "max_position_embeddings", 2048)
@@ -340,6 +341,9 @@ class Engine:
             "lora_path": self.runner.lora_path,
             "packed_weight_bytes": self.runner.model.packed_bytes(),
             "adapter_copies": self.runner.adapter_copies,
+            # Token chunks of LoRA deltas computed on the worker thread and on the engine's.
+            "lora_worker": (self.runner.worker.stats() if self.runner.worker is not None
+                            else None),
             "preemptions": self.scheduler.preemptions,
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,

@@ -55,3 +55,7 @@ def kv_page_elems(shape: ModelShape, block_size: int) -> int:
 
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Target modules projecting the same input, in the order a layer calls them: the LoRA worker
+# computes a group's deltas as one job, from the first one's base GEMM on (lora_worker.py).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                ("down_proj",))

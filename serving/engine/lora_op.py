@@ -259,6 +259,9 @@ class LoraContext:
             elif not _use_grouped_mm(w.A, w):  # the weights' device and dtype are x's
                 meta.segments(plan)
 
+    def begin(self, layer: int, module: str, x: Tensor) -> None:
+        """Nothing to start before the base GEMM: the torch operator runs after it."""
+
     def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
         w = self.weights.get((layer, module))
         return y if w is None else apply_lora(y, x, w, self.meta)

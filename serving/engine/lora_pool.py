@@ -13,7 +13,8 @@ CPU cost more per step than the deltas themselves. Here nothing is copied:
   addresses for every module; per module one kernel call adds all deltas, whatever the mix of
   adapters and ranks. An adapter with many tokens in the step (a prefill chunk, a popular
   adapter) instead takes a GEMM pair on views of its weights, where a GEMM's throughput beats
-  the per-token kernel.
+  the per-token kernel. Where a core is spare, the kernel's work runs on a worker thread
+  during the module's base GEMM (lora_worker.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from serving.engine import kernels
 from serving.engine.adapter_store import HostAdapter, ModuleKey, unpack
+from serving.engine.layout import SHARED_INPUT
+from serving.engine.lora_worker import LoraWorker
 
 # An adapter's tokens go to a GEMM pair once they are this many multiply-adds (tokens * rank *
 # (d_in + d_out)); twice this when they are not consecutive (a gather and a scatter more).
@@ -36,6 +39,7 @@ RUN_GEMM_MACS = 1_000_000
 # An adapter owning at least this share of a step's (non-consecutive) tokens multiplies them
 # all and zeroes the others' rows: two GEMMs with no gather or scatter, waste under a third.
 DENSE_SHARE = 0.75
+_GROUP_OF_FIRST = {group[0]: group for group in SHARED_INPUT}
 
 
 @dataclass
@@ -75,14 +79,18 @@ def adapter_rows(adapter: HostAdapter, flat: Tensor, keys: Sequence[ModuleKey],
 
 
 class PoolLoraContext:
-    """What the model sees for one step: ``y = lora.apply(layer, module, x, y)``.
+    """What the model sees for one step: ``lora.begin(layer, module, x)`` before a target
+    module's base GEMM, ``y = lora.apply(layer, module, x, y)`` after it.
 
     ``token_slots[t]`` indexes ``adapters`` (-1: the bare base model).
     """
 
     def __init__(self, lib: ctypes.CDLL, token_slots: Sequence[int],
-                 adapters: Sequence[AdapterRows], keys: Sequence[ModuleKey], cost_dim: int):
+                 adapters: Sequence[AdapterRows], keys: Sequence[ModuleKey], cost_dim: int,
+                 worker: LoraWorker | None = None, d_out: Sequence[int] = ()):
         self.lib = lib
+        self.worker = worker
+        self.d_out = list(d_out)  # per module: the worker's delta width
         self.adapters = list(adapters)
         self.keys = list(keys)
         self.index = {key: m for m, key in enumerate(self.keys)}
@@ -100,6 +108,12 @@ class PoolLoraContext:
         # [T, 1] mask of the other tokens.
         self.runs: dict[int, list[tuple[slice | Tensor, int]]] = {}
         self._gemm_runs(idx, tables[:k, :, 3], cost_dim)
+        # Per module: whether any token is left to the kernel (the rest went to GEMM runs).
+        self.kernel_tokens = (self.where[:, 3] > 0).any(1).tolist()
+        if worker is not None and len(self.d_out) != M:
+            raise ValueError("the LoRA worker needs every module's output width")
+        self._job: dict[int, int] = {}  # module -> its place in the worker's posted job
+        self._job_x = 0  # the address of the x that job reads
 
     def _gemm_runs(self, idx: Tensor, ranks: Tensor, cost_dim: int) -> None:
         """Take an adapter's tokens away from the kernel, per module (a module's rank decides),
@@ -129,13 +143,35 @@ class PoolLoraContext:
                 self.where[m, 3, mine] = 0
                 self.runs.setdefault(m, []).append((span, j))
 
+    def begin(self, layer: int, module: str, x: Tensor) -> None:
+        """Before a module's base GEMM: at the first module of a group reading the same x,
+        hand the group's kernel tokens to the worker thread, as one job."""
+        if self.worker is None:
+            return
+        group = _GROUP_OF_FIRST.get(module)
+        if group is None:  # a later module of a group: its deltas are in the job already
+            m = self.index.get((layer, module))
+            if m in self._job and x.data_ptr() != self._job_x:
+                raise RuntimeError(f"{module} of layer {layer} does not read its group's input")
+            return
+        mods = [m for m in (self.index.get((layer, name)) for name in group)
+                if m is not None and self.kernel_tokens[m]]
+        if mods:
+            self.worker.submit(x if x.stride(1) == 1 else x.contiguous(),
+                               [self.where[m] for m in mods], [self.d_out[m] for m in mods])
+            self._job, self._job_x = {m: i for i, m in enumerate(mods)}, x.data_ptr()
+
     def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
         m = self.index.get((layer, module))
         if m is None:
             return y
         if x.stride(1) != 1:
             x = x.contiguous()
-        kernels.bgmv(self.lib, y, x, self.where[m])
+        i = self._job.pop(m, None)
+        if i is not None:
+            self.worker.join(i, y)
+        elif self.kernel_tokens[m]:
+            kernels.bgmv(self.lib, y, x, self.where[m])
         for span, j in self.runs.get(m, ()):
             rows = self.adapters[j]
             A, B, bias = unpack(rows.flat, rows.adapter.layout[self.keys[m]])
@@ -151,3 +187,10 @@ class PoolLoraContext:
                     delta += bias
                 y.index_add_(0, span, delta)
         return y
+
+    def finish(self) -> None:
+        """After the forward (which may have failed between a submit and its join): no job
+        may outlive the step's tensors."""
+        if self.worker is not None:
+            self.worker.finish()
+        self._job = {}

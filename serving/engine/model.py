@@ -29,7 +29,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class LoraHook(Protocol):
-    def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor: ...
+    """The LoRA operator as the model sees it, around each target module's base projection."""
+
+    def begin(self, layer: int, module: str, x: Tensor) -> None:
+        """Before the base projection (a hook may start the deltas' work here)."""
+
+    def apply(self, layer: int, module: str, x: Tensor, y: Tensor) -> Tensor:
+        """After it: y plus the deltas of x's tokens."""
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -50,6 +56,8 @@ class AdapterLinear(nn.Module):
         self.packed: PackedWeight | None = None
 
     def forward(self, x: Tensor, lora: LoraHook | None) -> Tensor:
+        if lora is not None:
+            lora.begin(self.layer, self.name, x)
         if self.packed is not None and self.packed.usable(x):
             y = self.packed.linear(x, self.bias)
         else:

@@ -21,6 +21,7 @@ from serving.engine.layout import TARGET_MODULES
 from serving.engine.lora_op import LoraBatchMeta, LoraContext
 from serving.engine.lora_pool import AdapterRows, PoolLoraContext, adapter_rows
 from serving.engine.lora_slots import LoraSlots
+from serving.engine.lora_worker import LoraWorker
 from serving.engine.model import LlamaForServing
 from serving.engine.pool import UnifiedPool
 from serving.engine.sampling import sample
@@ -43,6 +44,13 @@ class ModelRunner:
         self.module_keys = [(layer, m) for layer in range(self.shape.num_layers)
                             for m in TARGET_MODULES]
         self._pool_copies = 0  # pool-read adapters whose pages were not consecutive
+        # The pool path's LoRA deltas on a worker thread during the base GEMMs: None = where a
+        # core is spare (opened on first use).
+        self.lora_worker: bool | None = None
+        self.worker: LoraWorker | None = None
+        self._worker_tried = False
+        dims = self.shape.module_dims()
+        self.module_d_out = [dims[m][1] for _, m in self.module_keys]
         # Tests and debugging: request id -> logits of every position it computed.
         self.capture: dict[str, list[torch.Tensor]] | None = None
 
@@ -89,7 +97,17 @@ class ModelRunner:
             return None
         slots = _token_slots(batch, {n: i for i, n in enumerate(names)})
         rows = [self._rows(cache.resident(n), pool) for n in names]
-        return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim)
+        if not self._worker_tried:
+            self._worker_tried = True
+            self.worker = LoraWorker.maybe(self.lora_worker, self.model.dtype)
+        return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim,
+                               self.worker, self.module_d_out)
+
+    def close(self) -> None:
+        """Stop the LoRA worker thread, if any (the next step may open another)."""
+        if self.worker is not None:
+            self.worker.close()
+        self.worker, self._worker_tried = None, False
 
     def _slot_lora(self, batch: Batch, seqs: Seq[Sequence], pool: UnifiedPool,
                    cache: AdapterCache) -> LoraContext | None:
@@ -122,7 +140,11 @@ class ModelRunner:
         lora = (self._pool_lora if self.native else self._slot_lora)(batch, all_seqs, pool,
                                                                         cache)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)
+        try:
+            hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)
+        finally:
+            if isinstance(lora, PoolLoraContext):
+                lora.finish()
         if self.capture is not None:
             self._capture(hidden, batch)
         # Each sampled sequence's last token: prefill chunk ends, then every decode token.

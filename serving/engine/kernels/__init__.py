@@ -8,12 +8,14 @@
   step (decode and prefill) as one query over its context, one call per layer. The torch path
   gathers every sequence's pages into a padded copy and masks it, per layer and step.
 - ``pointwise.c``: RMSNorm and RoPE, one pass each where torch makes five or six.
+- ``lora_worker.c``: the kernel's work on a second thread, while the engine's thread runs the
+  base GEMM (lora_worker.py).
 
 Each takes float32 or bfloat16 (``NATIVE_DTYPES``); in bf16 the sums run in float32 and each
 output is rounded once (RMSNorm and RoPE round where HF's bf16 ops do), so bf16 reads half the
 bytes at float32's accuracy of the sums.
 
-Each is plain C with no torch headers (only ``elements.h``, shared by all three), so it builds
+Each is plain C with no torch headers (only ``elements.h`` and ``lora_rows.h``), so it builds
 in under a second with the system compiler (a torch extension would take a minute), and one
 build serves every x86-64 CPU (target_clones). Each is its own library, so one that fails to
 build leaves the others.
@@ -44,10 +46,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["BGMV", "KERNELS", "NATIVE_DTYPES", "PAGED_DECODE", "POINTWISE",
+__all__ = ["BGMV", "KERNELS", "LORA_WORKER", "NATIVE_DTYPES", "PAGED_DECODE", "POINTWISE",
            "KernelBuildError", "KernelSpec", "NativeLib", "bgmv", "bgmv_lib", "bgmv_usable",
-           "compiler_available", "cpu_inference", "env_flag", "paged_decode", "paged_decode_lib",
-           "pointwise_lib", "pointwise_lib_for", "pointwise_usable", "rmsnorm", "rope"]
+           "compiler_available", "cpu_inference", "env_flag", "lora_worker_lib", "paged_decode",
+           "paged_decode_lib", "pointwise_lib", "pointwise_lib_for", "pointwise_usable",
+           "rmsnorm", "rope"]
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,21 @@ POINTWISE = KernelSpec(
     {"rmsnorm_f32": (None, _RMSNORM_ARGS), "rope_f32": (None, _ROPE_ARGS),
      "rmsnorm_bf16": (None, _RMSNORM_ARGS), "rope_bf16": (None, _ROPE_ARGS)},
     "RMSNorm/RoPE kernel unavailable, using torch ops")
-KERNELS = (BGMV, PAGED_DECODE, POINTWISE)
+LORA_WORKER = KernelSpec(
+    _HERE / "lora_worker.c", 1,
+    {"lora_worker_open": (_ptr, [ctypes.c_int]),
+     "lora_submit": (ctypes.c_int, [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr]),
+     "lora_join": (None, [_ptr, _i64, _ptr, _i64]),
+     "lora_worker_stats": (None, [_ptr, _ptr]), "lora_worker_close": (None, [_ptr])},
+    "LoRA worker thread unavailable, the engine's thread computes every delta")
+KERNELS = (BGMV, PAGED_DECODE, POINTWISE, LORA_WORKER)
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp-simd", "-shared", "-fPIC")
 # Without target_clones (a libc without ifunc, a compiler without the attribute): one build
 # for the compiler's default ISA, slower but the same results.
 FALLBACK_FLAGS = ("-DBGMV_NO_CLONES",)
-# After the source, so the linker keeps it (floorf in paged_decode.c's baseline clone).
-LIBS = ("-lm",)
+# After the source, so the linker keeps them (floorf in paged_decode.c's baseline clone; the
+# LoRA worker's thread).
+LIBS = ("-lm", "-pthread")
 _OFF = {"0", "false", "no", "off"}
 
 
@@ -235,6 +246,7 @@ class NativeLib:
 _default = NativeLib()
 _paged_decode = NativeLib(spec=PAGED_DECODE)
 _pointwise = NativeLib(spec=POINTWISE)
+_lora_worker = NativeLib(spec=LORA_WORKER)
 
 
 def env_flag(name: str) -> bool:
@@ -275,6 +287,11 @@ def paged_decode_lib() -> ctypes.CDLL | None:
 def pointwise_lib() -> ctypes.CDLL | None:
     """The process's RMSNorm/RoPE library, or None when disabled or unavailable."""
     return _pointwise.load() if enabled() else None
+
+
+def lora_worker_lib() -> ctypes.CDLL | None:
+    """The process's LoRA worker library, or None when disabled or unavailable."""
+    return _lora_worker.load() if enabled() else None
 
 
 def pointwise_usable(*tensors: Tensor) -> bool:

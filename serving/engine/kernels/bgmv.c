@@ -18,47 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "elements.h"
-
-#define CHUNK 256 /* rank rows per pass: h stays on the stack for any rank */
-
-/* h[j] = A_j . x, row after row: one sequential stream through A, which the hardware prefetcher
- * follows best when A comes from DRAM (an idle adapter's rows usually do). */
-INLINE void shrink(const float *restrict xt, const void *restrict a, int64_t d_in, int32_t r,
-                   float *restrict h, int bf16) {
-    for (int32_t j = 0; j < r; j++) {
-        const void *aj = row(a, j * d_in, bf16);
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < d_in; i++) s += xt[i] * load(aj, i, bf16);
-        h[j] = s;
-    }
-}
-
-/* y += sum_j h[j] B_j, eight rows at a time: each load and store of y serves eight rows. */
-INLINE void expand(const float *restrict h, const void *restrict b, int64_t d_out, int32_t r,
-                   float *restrict yt, int bf16) {
-    int32_t j = 0;
-    for (; j + 8 <= r; j += 8) {
-        const void *b0 = row(b, j * d_out, bf16), *b1 = row(b0, d_out, bf16);
-        const void *b2 = row(b1, d_out, bf16), *b3 = row(b2, d_out, bf16);
-        const void *b4 = row(b3, d_out, bf16), *b5 = row(b4, d_out, bf16);
-        const void *b6 = row(b5, d_out, bf16), *b7 = row(b6, d_out, bf16);
-        float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];
-        float h4 = h[j + 4], h5 = h[j + 5], h6 = h[j + 6], h7 = h[j + 7];
-#pragma omp simd
-        for (int64_t o = 0; o < d_out; o++)
-            yt[o] += h0 * load(b0, o, bf16) + h1 * load(b1, o, bf16) + h2 * load(b2, o, bf16)
-                   + h3 * load(b3, o, bf16) + h4 * load(b4, o, bf16) + h5 * load(b5, o, bf16)
-                   + h6 * load(b6, o, bf16) + h7 * load(b7, o, bf16);
-    }
-    for (; j < r; j++) {
-        const void *bj = row(b, j * d_out, bf16);
-        float hj = h[j];
-#pragma omp simd
-        for (int64_t o = 0; o < d_out; o++) yt[o] += hj * load(bj, o, bf16);
-    }
-}
+#include "lora_rows.h"
 
 /* xbuf/ybuf: d_in and d_out floats of scratch, used (bf16) to widen x[t] and y[t]; y[t] is
  * summed into in float32, as the float32 kernel sums into y, and rounded once. */
@@ -67,7 +27,6 @@ INLINE void bgmv(int64_t num_tokens, const void *x, int64_t ldx, void *y, int64_
                  float *restrict ybuf, int bf16) {
     const int64_t *a_at = where, *b_at = where + num_tokens, *bias_at = where + 2 * num_tokens,
                   *rank = where + 3 * num_tokens;
-    float h[CHUNK];
     for (int64_t t = 0; t < num_tokens; t++) {
         int32_t r = (int32_t)rank[t];
         if (r <= 0) continue;
@@ -79,16 +38,7 @@ INLINE void bgmv(int64_t num_tokens, const void *x, int64_t ldx, void *y, int64_
             for (int64_t o = 0; o < d_out; o++) ybuf[o] = load(yt, o, 1);
             xt = xbuf;
         }
-        float *acc = bf16 ? ybuf : yt;
-        for (int32_t c = 0; c < r; c += CHUNK) {
-            int32_t n = r - c < CHUNK ? r - c : CHUNK;
-            shrink(xt, row(a, (int64_t)c * d_in, bf16), d_in, n, h, bf16);
-            expand(h, row(b, (int64_t)c * d_out, bf16), d_out, n, acc, bf16);
-        }
-        if (bias) {
-#pragma omp simd
-            for (int64_t o = 0; o < d_out; o++) acc[o] += load(bias, o, bf16);
-        }
+        token_delta(xt, a, b, bias, r, d_in, d_out, bf16 ? ybuf : yt, bf16);
         if (bf16) {
             for (int64_t o = 0; o < d_out; o++) store(yt, o, ybuf[o], 1);
         }
