@@ -87,6 +87,7 @@ def lora_path(request, monkeypatch):
         require_native()
     if request.param == "pool-gemm-runs":
         monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", 1)
+        monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS_WORKER", 1)
     return request.param
 
 

@@ -119,6 +119,7 @@ def test_mixed_batch_matches_reference(lib, monkeypatch, gemm_macs, worker_for):
     thresholds (none, some, all), on views where their tokens are consecutive (3 and 4: a
     prefill chunk only) and gathered where not (2: a chunk and decode tokens)."""
     monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", gemm_macs)
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS_WORKER", gemm_macs)
     adapters = _mix()
     rng = random.Random(gemm_macs)
     slots = [3] * 40 + [-1] * 5 + [4] * 9 + [2] * 12
@@ -144,6 +145,7 @@ def test_bfloat16_batch_matches_reference(lib, monkeypatch, gemm_macs, worker_fo
     sums in float32, so each output is the exact delta rounded once; GEMM-pair runs (bf16 torch
     GEMMs, h rounded too) stay within bf16's own error."""
     monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", gemm_macs)
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS_WORKER", gemm_macs)
     adapters = _mix()
     flats = [a.flat.bfloat16() for a in adapters]
     slots = [3] * 20 + [-1] * 3 + [0, 1, 2, 4, -1, 2, 0, 4, 3, 1]
@@ -308,6 +310,7 @@ def test_an_adapter_with_nearly_every_token_multiplies_them_all(lib, monkeypatch
     """Scattered tokens of one adapter that are nearly all the step's: two GEMMs over every
     row, the others' rows zeroed (no gather, no scatter); with a bias, the gathered path."""
     monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS", 1_000)
+    monkeypatch.setattr(lora_pool, "RUN_GEMM_MACS_WORKER", 1_000)
     adapters = [_adapter("r8", 8, 1), _adapter("r2", 2, 2), _adapter("biased", 8, 3, bias=True)]
     for main, other in ((0, 1), (2, 1)):
         slots = [main, main, other, main, -1, main, main, main, main, main]

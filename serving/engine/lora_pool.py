@@ -36,6 +36,11 @@ from serving.engine.lora_worker import LoraWorker
 # Measured on CPU, one thread: the kernel does ~19 GMAC/s, a GEMM pair ~28 GMAC/s after ~16 us
 # of launches; they cross near 1M.
 RUN_GEMM_MACS = 1_000_000
+# With the LoRA worker the kernel's work runs during the base GEMM, where it costs the engine's
+# thread nothing, so only runs this long go to GEMM pairs (on the engine's thread, after the
+# GEMM). Measured (bench/serving.py's model, bf16, n = 1, whose decode tokens share one adapter):
+# 31.8 req/s at 4M against 25.6 at 1M.
+RUN_GEMM_MACS_WORKER = 4_000_000
 # An adapter owning at least this share of a step's (non-consecutive) tokens multiplies them
 # all and zeroes the others' rows: two GEMMs with no gather or scatter, waste under a third.
 DENSE_SHARE = 0.75
@@ -107,7 +112,8 @@ class PoolLoraContext:
         # Per module: (tokens, adapter) done as a GEMM pair; tokens a slice, an index, or a
         # [T, 1] mask of the other tokens.
         self.runs: dict[int, list[tuple[slice | Tensor, int]]] = {}
-        self._gemm_runs(idx, tables[:k, :, 3], cost_dim)
+        self._gemm_runs(idx, tables[:k, :, 3], cost_dim,
+                        RUN_GEMM_MACS_WORKER if worker is not None else RUN_GEMM_MACS)
         # Per module: whether any token is left to the kernel (the rest went to GEMM runs).
         self.kernel_tokens = (self.where[:, 3] > 0).any(1).tolist()
         if worker is not None and len(self.d_out) != M:
@@ -115,7 +121,7 @@ class PoolLoraContext:
         self._job: dict[int, int] = {}  # module -> its place in the worker's posted job
         self._job_x = 0  # the address of the x that job reads
 
-    def _gemm_runs(self, idx: Tensor, ranks: Tensor, cost_dim: int) -> None:
+    def _gemm_runs(self, idx: Tensor, ranks: Tensor, cost_dim: int, macs: int) -> None:
         """Take an adapter's tokens away from the kernel, per module (a module's rank decides),
         into one GEMM pair when it has enough of them: a prefill chunk, or many decoding
         sequences of one popular adapter. Its tokens are a view when consecutive; when they
@@ -127,7 +133,7 @@ class PoolLoraContext:
             return
         counts = torch.bincount(idx, minlength=k + 1)[:k]
         max_rank = ranks.max(1).values
-        for j in (counts * max_rank * cost_dim >= RUN_GEMM_MACS).nonzero().squeeze(1).tolist():
+        for j in (counts * max_rank * cost_dim >= macs).nonzero().squeeze(1).tolist():
             mine = idx == j
             pos = mine.nonzero().squeeze(1)
             n, lo = pos.numel(), int(pos[0])
@@ -138,7 +144,7 @@ class PoolLoraContext:
             else:
                 span = pos
             gathered = isinstance(span, Tensor) and span.dtype != torch.bool
-            bar = 2 * RUN_GEMM_MACS if gathered else RUN_GEMM_MACS
+            bar = 2 * macs if gathered else macs
             for m in (ranks[j] * n * cost_dim >= bar).nonzero().squeeze(1).tolist():
                 self.where[m, 3, mine] = 0
                 self.runs.setdefault(m, []).append((span, j))
