@@ -27,15 +27,18 @@ The engine's LoRA worker thread (``--lora-worker``, auto by default) computes th
 second core while the engine's thread runs the base GEMMs; full mode then also runs n = 1 and
 n = 1000 without it (``n1000_vs_n1_no_worker``), so both are in the same run.
 
-``--dtype bfloat16`` runs every side (model, adapters, KV cache, PEFT) in bf16, the serving
-dtype: on this CPU (AVX512-BF16) the base GEMMs run twice as fast and the engine's kernels read
-half the bytes, while HF's per-op overheads stay. Greedy outputs then differ from unpadded PEFT
-wherever bf16 rounding flips a pick, so correctness also gives how often each side's greedy
-outputs match a float32 run of the same weights (``float32_reference_match_share``).
+Every side (model, adapters, KV cache, PEFT) runs in bfloat16 by default: the dtype models and
+adapters are served in (S-LoRA measured in fp16). On this CPU (AVX512-BF16) the base GEMMs run
+twice as fast as in float32 and the engine's kernels read half the bytes, while HF's per-op
+overheads stay. Greedy outputs then differ from unpadded PEFT wherever bf16 rounding flips a
+pick, so correctness also gives how often each side's greedy outputs match a float32 run of the
+same weights (``float32_reference_match_share``): the accuracy measure. ``--dtype float32``
+runs everything in float32, where the engine's greedy outputs equal unpadded PEFT's
+(``outputs_match_peft``; the tests check logits within 1e-4).
 
     python bench/serving.py --quick                 # under a minute on 2 CPU cores
     python bench/serving.py                         # ~30M-parameter model, ranks {64,32,16,8}
-    python bench/serving.py --dtype bfloat16
+    python bench/serving.py --dtype float32
     python bench/serving.py --device cuda
 """
 
@@ -537,8 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     # mixed 29 vs 14), because each OpenMP region waits for a second vCPU that the host may
     # not schedule. All sides always use the same count; pass --threads 2 to compare.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="the model's, adapters' and KV cache's dtype, on every side")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="the model's, adapters' and KV cache's dtype, on every side "
+                             "(float32: the exact comparison with PEFT)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-requests", type=int)
     parser.add_argument("--rate", type=float,

@@ -155,3 +155,48 @@ def test_a_worker_running_other_code_says_so(monkeypatch):
     finally:
         w.close()
     assert not w.alive()
+
+
+def test_the_lora_worker_stands_aside_while_a_slice_has_the_spare_core(tiny_llama):
+    """An overlapped fine-tuning slice computes on the core the engine's LoRA worker would use:
+    while one is in flight the step's LoRA deltas stay on the engine's thread, and the worker
+    takes them again once fine-tuning is done."""
+    from serving.engine.adapter_store import build_host_adapter
+    from serving.engine.lora_pool import PoolLoraContext
+    from tests.native_support import require_native
+
+    require_native()
+    engine = coserve_engine(tiny_llama)
+    engine.runner.lora_worker = True
+    g = torch.Generator().manual_seed(0)
+    weights = {(layer, m): (torch.randn(4, d_in, generator=g) * 0.1,
+                            torch.randn(d_out, 4, generator=g) * 0.1, None)
+               for layer in range(engine.shape.num_layers)
+               for m, (d_in, d_out) in engine.shape.module_dims().items()}
+    engine.register_adapter("served", build_host_adapter("served", weights, engine.shape))
+    seen: list[tuple[bool, bool]] = []  # (slice in flight, worker handed to the step)
+    build = engine.runner._pool_lora
+
+    def spy(*args, **kwargs):
+        ctx = build(*args, **kwargs)
+        if isinstance(ctx, PoolLoraContext):
+            busy = engine.coserve is not None and engine.coserve.helper_busy()
+            seen.append((busy, ctx.worker is not None))
+        return ctx
+
+    engine.runner._pool_lora = spy
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    _, trainee = attach_job(engine, config=CoserveConfig(overlap=True, helper="thread"))
+    deadline = time.monotonic() + 120
+    while trainee.state.value == "running" or trainee.busy:
+        engine.add_request([5, 6, 7, 8], params, "served")
+        engine.step()
+        assert time.monotonic() < deadline, "fine-tuning made no progress"
+    while engine.has_unfinished():
+        engine.step()
+    detach_all(engine)
+    engine.generate([[5, 6, 7]], params, adapters=["served"])
+    assert any(busy for busy, _ in seen), "no step overlapped a slice"
+    assert all(not worker for busy, worker in seen if busy)
+    assert seen[-1] == (False, True)
+    engine.runner.close()

@@ -49,6 +49,7 @@ class ModelRunner:
         self.lora_worker: bool | None = None
         self.worker: LoraWorker | None = None
         self._worker_tried = False
+        self.worker_paused = False  # this step's spare core is taken (a co-serving slice)
         dims = self.shape.module_dims()
         self.module_d_out = [dims[m][1] for _, m in self.module_keys]
         # Tests and debugging: request id -> logits of every position it computed.
@@ -101,7 +102,7 @@ class ModelRunner:
             self._worker_tried = True
             self.worker = LoraWorker.maybe(self.lora_worker, self.model.dtype)
         return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim,
-                               self.worker, self.module_d_out)
+                               None if self.worker_paused else self.worker, self.module_d_out)
 
     def close(self) -> None:
         """Stop the LoRA worker thread, if any (the next step may open another)."""

@@ -173,6 +173,11 @@ class CoServer:
         return self._inflight is not None or any(
             t.state is State.RUNNING and not t.detached for t in self.trainees)
 
+    def helper_busy(self) -> bool:
+        """Whether an overlapped slice is computing beside the engine's thread: it has the
+        spare core, so the engine's LoRA worker stands aside (lora_worker.py)."""
+        return self._inflight is not None and not self._inflight.done()
+
     # -- the engine iteration (engine thread) -----------------------------------------
     def begin(self, batch: Batch) -> Iteration:
         self._wake.clear()
