@@ -59,7 +59,10 @@ def build_engine_loop(cfg: ClusterConfig) -> tuple[EngineLoop, Any]:
         model=cfg.model_path(), device=cfg.resolved_device(), dtype=getattr(torch, cfg.dtype),
         pool_bytes=cfg.pool_mb * 2**20, num_pages=cfg.num_pages, block_size=cfg.block_size,
         max_num_seqs=cfg.max_num_seqs, max_batched_tokens=cfg.max_batched_tokens,
-        max_queue=cfg.max_queue))
+        max_queue=cfg.max_queue,
+        # Its num_cpus cores all go to torch: a LoRA worker thread would run beyond the
+        # replica's reservation (Ray does not pin replicas to cores, so auto would see spares).
+        lora_worker=False))
     coserving = attach(engine, cfg) if cfg.finetune else None  # reads cfg.coserve*
     return EngineLoop(engine), coserving
 

@@ -158,3 +158,5 @@ class EngineLoop:
         self._fail_all(RuntimeError("the engine is shutting down"))
         while self.engine.has_unfinished() and not self._thread.is_alive():
             self.engine.step()  # apply the aborts so every page is returned
+        if not self._thread.is_alive():
+            self.engine.runner.close()  # the LoRA worker thread, if any
