@@ -197,12 +197,13 @@ def projection_params(engine: Engine) -> int:
     return sum(i * o for i, o in engine.shape.module_dims().values()) * engine.shape.num_layers
 
 
-def make_engine(ckpt: Path, bank: AdapterBank, n: int, args, num_pages: int) -> Engine:
+def make_engine(ckpt: Path, bank: AdapterBank, n: int, args, num_pages: int,
+                lora_worker: bool | None) -> Engine:
     engine = Engine(EngineConfig(model=str(ckpt), device=args.device, dtype=bank.dtype,
                                  num_pages=num_pages, block_size=16,
                                  max_batched_tokens=args.max_batched_tokens,
                                  max_num_seqs=args.max_batch,
-                                 lora_worker=LORA_WORKER[args.lora_worker]))
+                                 lora_worker=lora_worker))
     for i in ([N1_ADAPTER] if n == 1 else range(n)):
         engine.register_adapter(bank.name(i), bank.host_adapter(i))
     return engine
@@ -605,8 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     records: dict[str, list[Record]] = {}
 
-    def engine_run(n: int, tr: list[Request], slo: float | None) -> tuple[dict, list[Record]]:
-        done = run_engine(make_engine(ckpt, bank, n, args, num_pages), tr, n, slo)
+    def engine_run(n: int, tr: list[Request], slo: float | None,
+                   lora_worker: bool | None = LORA_WORKER[args.lora_worker],
+                   ) -> tuple[dict, list[Record]]:
+        done = run_engine(make_engine(ckpt, bank, n, args, num_pages, lora_worker), tr, n, slo)
         # instrument() makes the engine a reference cycle: free it (its pool and packed
         # weights) now, not at some later collection, so runs do not pile up in peak RSS.
         gc.collect()
@@ -629,24 +632,21 @@ def main(argv: list[str] | None = None) -> int:
     # engine runs, taken round-robin over n so that a slow spell of the shared machine hits
     # every side alike, keeps one scheduling hiccup out of the ratios.
     sat = trace(None, args.alpha)
-    sat_runs: dict[int, list] = {n: [] for n in (1, 100, 1000)}
-    for _ in range(repeats):
-        for n in sat_runs:
-            sat_runs[n].append(engine_run(n, sat, None))
-    for n, done in sat_runs.items():
-        keep(f"saturated/engine_n{n}", done)
+
+    def saturated(ns: tuple[int, ...], suffix: str = "",
+                  lora_worker: bool | None = LORA_WORKER[args.lora_worker]) -> None:
+        runs: dict[int, list] = {n: [] for n in ns}
+        for _ in range(repeats):
+            for n in ns:
+                runs[n].append(engine_run(n, sat, None, lora_worker))
+        for n, done in runs.items():
+            keep(f"saturated/engine_n{n}{suffix}", done)
+
+    saturated((1, 100, 1000))
     worker_ran = results["saturated/engine_n1000"]["lora_worker"] is not None
     if worker_ran and not args.quick:
         # The same engine on one thread: what the worker's second core buys from 1 to 1000.
-        saved = args.lora_worker
-        args.lora_worker = "off"
-        off = {n: [] for n in (1, 1000)}
-        for _ in range(repeats):
-            for n in off:
-                off[n].append(engine_run(n, sat, None))
-        for n, done in off.items():
-            keep(f"saturated/engine_n{n}_no_worker", done)
-        args.lora_worker = saved
+        saturated((1, 1000), "_no_worker", lora_worker=False)
 
     machine = batching_gain(hf_model, args.device)
     machine.update(machine_limits(spec.hidden_size, spec.intermediate_size, args.device,

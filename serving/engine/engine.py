@@ -229,18 +229,17 @@ class Engine:
         # A fine-tuning slice overlapping this forward computes on the spare core: the LoRA
         # worker would take turns with it there (measured: fine-tuning kept 0.33 of its speed
         # under heavy inference, against 0.95 without the worker).
-        self.runner.worker_paused = self.coserve.helper_busy()
         try:
-            return outputs + self._infer(batch)
+            return outputs + self._infer(batch, spare_core=not self.coserve.helper_busy())
         finally:
             self.coserve.end(iteration)
 
-    def _infer(self, batch: Batch) -> list[RequestOutput]:
+    def _infer(self, batch: Batch, spare_core: bool = True) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         if batch.empty:
             return outputs
         sample_seqs = self._sample_seqs(batch)
-        tokens = self.runner.execute(batch, sample_seqs, self.pool, self.cache)
+        tokens = self.runner.execute(batch, sample_seqs, self.pool, self.cache, spare_core)
         self.scheduler.after_step(batch)
         self.steps += 1
         now = time.monotonic()

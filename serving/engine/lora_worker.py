@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -92,16 +93,13 @@ class LoraWorker:
                              f"{len(wheres)} tables do not match")
         if self._delta.numel() < T * sum(d_outs):
             self._delta = torch.empty(T * sum(d_outs), dtype=torch.float32)
-        starts = [0]
-        for d in d_outs[:-1]:
-            starts.append(starts[-1] + T * d)
+        # ctypes arrays, not tensors: a submit per module group per layer is on the hot path.
+        Addrs = ctypes.c_int64 * len(wheres)
         base, size = self._delta.data_ptr(), self._delta.element_size()
-        where_at = torch.tensor([w.data_ptr() for w in wheres], dtype=torch.int64)
-        width = torch.tensor(d_outs, dtype=torch.int64)
-        delta_at = torch.tensor([base + s * size for s in starts], dtype=torch.int64)
+        starts = [0, *accumulate(T * d for d in d_outs[:-1])]  # each module's delta rows
         if self.lib.lora_submit(self.handle, T, x.data_ptr(), x.stride(0), x.shape[1],
-                                len(wheres), where_at.data_ptr(), width.data_ptr(),
-                                delta_at.data_ptr()) != 0:
+                                len(wheres), Addrs(*(w.data_ptr() for w in wheres)),
+                                Addrs(*d_outs), Addrs(*(base + s * size for s in starts))) != 0:
             raise MemoryError("LoRA worker: no memory for the scratch rows")
         self._job = (x, list(wheres), list(d_outs))
         self._left = set(range(len(wheres)))

@@ -49,7 +49,6 @@ class ModelRunner:
         self.lora_worker: bool | None = None
         self.worker: LoraWorker | None = None
         self._worker_tried = False
-        self.worker_paused = False  # this step's spare core is taken (a co-serving slice)
         dims = self.shape.module_dims()
         self.module_d_out = [dims[m][1] for _, m in self.module_keys]
         # Tests and debugging: request id -> logits of every position it computed.
@@ -92,7 +91,7 @@ class ModelRunner:
         return rows
 
     def _pool_lora(self, batch: Batch, seqs: Seq[Sequence], pool: UnifiedPool,
-                   cache: AdapterCache) -> PoolLoraContext | None:
+                   cache: AdapterCache, spare_core: bool) -> PoolLoraContext | None:
         names = sorted({s.adapter for s in seqs if s.adapter})
         if not names:
             return None
@@ -102,7 +101,7 @@ class ModelRunner:
             self._worker_tried = True
             self.worker = LoraWorker.maybe(self.lora_worker, self.model.dtype)
         return PoolLoraContext(self.native, slots, rows, self.module_keys, self.lora_cost_dim,
-                               None if self.worker_paused else self.worker, self.module_d_out)
+                               self.worker if spare_core else None, self.module_d_out)
 
     def close(self) -> None:
         """Stop the LoRA worker thread, if any (the next step may open another)."""
@@ -122,7 +121,9 @@ class ModelRunner:
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: Batch, sample_seqs: list[Sequence], pool: UnifiedPool,
-                cache: AdapterCache) -> list[int]:
+                cache: AdapterCache, spare_core: bool = True) -> list[int]:
+        """One forward and the sampled tokens. ``spare_core``: whether the LoRA worker may
+        compute beside this step (False while a co-serving slice has that core)."""
         ids: list[int] = []
         for seq, n in batch.prefills:
             ids.extend(seq.tokens(seq.num_cached, seq.num_cached + n))
@@ -138,8 +139,8 @@ class ModelRunner:
             pad_page=pool.null_page,
         )
         all_seqs = [s for s, _ in batch.prefills] + batch.decodes
-        lora = (self._pool_lora if self.native else self._slot_lora)(batch, all_seqs, pool,
-                                                                        cache)
+        lora = (self._pool_lora(batch, all_seqs, pool, cache, spare_core) if self.native
+                else self._slot_lora(batch, all_seqs, pool, cache))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         try:
             hidden = self.model(input_ids, meta.positions, meta, pool.kv_view(), lora=lora)

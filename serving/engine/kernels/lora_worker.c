@@ -68,6 +68,21 @@ static int64_t claim(Worker *w, uint64_t gen, int64_t limit) {
     return -1;
 }
 
+/* Scratch of at least n floats in *buf (capacity *cap); -1 when it cannot be had. */
+static int grow(float **buf, int64_t *cap, int64_t n) {
+    if (n <= *cap) return 0;
+    float *b = realloc(*buf, sizeof(float) * (size_t)n);
+    if (!b) return -1;
+    *buf = b;
+    *cap = n;
+    return 0;
+}
+
+/* No job past `seen` has been posted, and the worker is not stopping. */
+static int idle(Worker *w, uint64_t seen) {
+    return (atomic_load(&w->ticket) >> 32) == seen && !atomic_load(&w->stop);
+}
+
 INLINE void run_chunk(const Job *j, int64_t c, float *restrict xbuf, int bf16) {
     int64_t m = c / j->per_module, T = j->tokens, d_in = j->d_in, d_out = j->d_out[m];
     int64_t t0 = (c % j->per_module) * CHUNK_TOKENS, t1 = t0 + CHUNK_TOKENS < T ? t0 + CHUNK_TOKENS : T;
@@ -119,15 +134,11 @@ static void *worker_main(void *arg) {
     while (!atomic_load(&w->stop)) {
         uint64_t gen = atomic_load(&w->ticket) >> 32;
         if (gen == seen) {
-            int spun = 0;
-            while ((atomic_load(&w->ticket) >> 32) == seen && !atomic_load(&w->stop)
-                   && spun++ < SPIN)
-                CPU_RELAX();
-            if ((atomic_load(&w->ticket) >> 32) == seen && !atomic_load(&w->stop)) {
+            for (int spun = 0; idle(w, seen) && spun < SPIN; spun++) CPU_RELAX();
+            if (idle(w, seen)) {
                 pthread_mutex_lock(&w->mu);
                 atomic_store(&w->sleeping, 1);
-                while ((atomic_load(&w->ticket) >> 32) == seen && !atomic_load(&w->stop))
-                    pthread_cond_wait(&w->cv, &w->mu);
+                while (idle(w, seen)) pthread_cond_wait(&w->cv, &w->mu);
                 atomic_store(&w->sleeping, 0);
                 pthread_mutex_unlock(&w->mu);
             }
@@ -135,12 +146,9 @@ static void *worker_main(void *arg) {
         }
         seen = gen;
         Job *j = &w->jobs[gen & 1];
-        if (w->bf16 && j->d_in > xcap) { /* a stale read is harmless: claims check the gen */
-            float *b = realloc(xbuf, sizeof(float) * (size_t)j->d_in);
-            if (!b) continue; /* no scratch: the engine's thread does this job */
-            xbuf = b;
-            xcap = j->d_in;
-        }
+        /* A stale d_in is harmless (claims check the gen); without scratch the engine's
+         * thread does this job. */
+        if (w->bf16 && grow(&xbuf, &xcap, j->d_in) != 0) continue;
         int64_t n = w->bf16 ? lora_worker_run_bf16(w, gen, xbuf) : lora_worker_run_f32(w, gen, xbuf);
         atomic_fetch_add(&w->chunks_worker, n);
     }
@@ -175,12 +183,8 @@ int lora_submit(void *h, int64_t tokens, const void *x, int64_t ldx, int64_t d_i
                 const int64_t *delta) {
     Worker *w = h;
     if (modules < 1 || modules > MAX_MODULES) return -1;
-    if (w->bf16 && d_in > w->xcap) { /* lora_join's, allocated here so a join cannot fail */
-        float *b = realloc(w->xbuf, sizeof(float) * (size_t)d_in);
-        if (!b) return -1;
-        w->xbuf = b;
-        w->xcap = d_in;
-    }
+    /* lora_join's scratch, allocated here so a join cannot fail */
+    if (w->bf16 && grow(&w->xbuf, &w->xcap, d_in) != 0) return -1;
     uint64_t gen = (atomic_load(&w->ticket) >> 32) + 1;
     Job *j = &w->jobs[gen & 1];
     j->tokens = tokens;
