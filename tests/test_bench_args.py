@@ -20,10 +20,12 @@ def test_coserve_rejects_a_min_requests_below_one(value):
     assert run.stdout == ""  # no benchmark ran
 
 
-def test_serving_rejects_an_unknown_dtype():
-    """float16 has no native CPU path and is not a benchmark dtype: a usage error, not a run."""
+@pytest.mark.parametrize("flag, value", [("--dtype", "float16"), ("--lora-worker", "yes")])
+def test_serving_rejects_an_unknown_choice(flag, value):
+    """float16 has no native CPU path and is not a benchmark dtype, and the LoRA worker is
+    auto, on or off: a usage error, not a run."""
     run = subprocess.run([sys.executable, str(BENCH / "serving.py"), "--quick",
-                          "--dtype", "float16"], capture_output=True, text=True, timeout=120)
+                          flag, value], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
-    assert "--dtype" in run.stderr and "Traceback" not in run.stderr
+    assert flag in run.stderr and "Traceback" not in run.stderr
     assert run.stdout == ""
